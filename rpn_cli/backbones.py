@@ -1,0 +1,143 @@
+"""Backbones by name: a registry of builders, each giving feature maps at known strides.
+
+A backbone is an ``nn.Module`` whose ``forward(images)`` returns a list of
+feature maps, finest first, with ``strides`` and ``out_channels`` lists. Builders
+take the backbone's JSON description (``{"name": ..., **options}``) and build
+it with random weights; :func:`load_imagenet_weights` fills a trunk from
+torchvision's ImageNet state dict on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.ops import FeaturePyramidNetwork
+
+from .errors import CheckpointError, UsageError
+
+BackboneBuilder = Callable[[dict], nn.Module]
+_REGISTRY: dict[str, BackboneBuilder] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    def add(builder: BackboneBuilder) -> BackboneBuilder:
+        _REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+def backbone_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_backbone(description: dict) -> nn.Module:
+    """Build the backbone that ``description["name"]`` names, with random weights."""
+    name = description.get("name")
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown backbone {name!r}; known: {', '.join(backbone_names())}")
+    return _REGISTRY[name](description)
+
+
+class SingleLevelBackbone(nn.Module):
+    """A trunk whose last output is the only feature map."""
+
+    def __init__(self, body: nn.Sequential, stride: int, channels: int):
+        super().__init__()
+        self.body = body
+        self.strides = [stride]
+        self.out_channels = [channels]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.body(images)]
+
+
+class PyramidBackbone(nn.Module):
+    """Trunk stages whose outputs feed torchvision's feature pyramid (same width at every level)."""
+
+    def __init__(self, stages: nn.ModuleList, stage_channels: list[int], strides: list[int], channels: int):
+        super().__init__()
+        self.stages = stages
+        self.fpn = FeaturePyramidNetwork(stage_channels, channels)
+        self.strides = strides
+        self.out_channels = [channels] * len(strides)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = {}
+        x = images
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            features[str(index)] = x
+        return list(self.fpn(features).values())
+
+
+def _seed_project_resnet50_c4() -> nn.Sequential:
+    """ResNet-50 to layer3 as the seed project builds it: stride on a bottleneck's
+    first 1x1 conv, stem max-pool with padding 0 and ceil mode."""
+    resnet = models.resnet50(weights=None)
+    for layer in (resnet.layer2, resnet.layer3):
+        first = layer[0]
+        first.conv1.stride = (2, 2)
+        first.conv2.stride = (1, 1)
+    resnet.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+    return nn.Sequential(
+        resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2, resnet.layer3
+    )
+
+
+@register_backbone("resnet50-c4")
+def _build_resnet50_c4(description: dict) -> nn.Module:
+    return SingleLevelBackbone(_seed_project_resnet50_c4(), stride=16, channels=1024)
+
+
+@register_backbone("vgg16")
+def _build_vgg16(description: dict) -> nn.Module:
+    # features[:30] ends with conv5_3 and its ReLU, before the last max-pool.
+    return SingleLevelBackbone(models.vgg16(weights=None).features[:30], stride=16, channels=512)
+
+
+# torchvision's MobileNetV2 ``features`` indices where the stride-8, -16 and -32 maps end.
+_MOBILENET_V2_STAGE_ENDS = (7, 14, 18)
+_MOBILENET_V2_STAGE_CHANNELS = (32, 96, 320)
+
+
+@register_backbone("mobilenet_v2")
+def _build_mobilenet_v2(description: dict) -> nn.Module:
+    features = models.mobilenet_v2(weights=None).features
+    return SingleLevelBackbone(features[: _MOBILENET_V2_STAGE_ENDS[1]], stride=16, channels=96)
+
+
+@register_backbone("mobilenet_v2_fpn")
+def _build_mobilenet_v2_fpn(description: dict) -> nn.Module:
+    features = models.mobilenet_v2(weights=None).features
+    starts = (0,) + _MOBILENET_V2_STAGE_ENDS[:-1]
+    stages = nn.ModuleList(features[a:b] for a, b in zip(starts, _MOBILENET_V2_STAGE_ENDS))
+    return PyramidBackbone(
+        stages, list(_MOBILENET_V2_STAGE_CHANNELS), [8, 16, 32], int(description.get("fpn_channels", 128))
+    )
+
+
+def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) -> None:
+    """Fill a MobileNetV2 backbone's trunk from torchvision's ImageNet state dict at ``path``."""
+    if not description["name"].startswith("mobilenet_v2"):
+        raise UsageError(f"ImageNet weights by path are supported for mobilenet_v2 backbones, not {description['name']}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{path}: cannot read backbone weights ({error})") from error
+    reference = models.mobilenet_v2(weights=None)
+    try:
+        reference.load_state_dict(state)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise CheckpointError(f"{path}: not torchvision MobileNetV2 ImageNet weights ({first_line})") from error
+    if isinstance(backbone, SingleLevelBackbone):
+        backbone.body.load_state_dict(reference.features[: len(backbone.body)].state_dict())
+    else:
+        starts = (0,) + _MOBILENET_V2_STAGE_ENDS[:-1]
+        for stage, a, b in zip(backbone.stages, starts, _MOBILENET_V2_STAGE_ENDS):
+            stage.load_state_dict(reference.features[a:b].state_dict())

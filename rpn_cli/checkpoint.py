@@ -1,0 +1,140 @@
+"""Our checkpoint format: one ``.safetensors`` file, the model description as JSON in its metadata.
+
+Also the import of the seed project's plain ``.pth`` state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+from .model import ModelSpec, RegionProposalNetwork, seed_project_spec
+
+METADATA_KEY = "rpn_cli.model"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: RegionProposalNetwork, path: str | Path, spec: ModelSpec | None = None) -> None:
+    """Write ``model``'s weights and description (``spec`` or the model's own) to ``path``."""
+    spec = spec or model.spec
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+    metadata = {METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True)}
+    atomic_write_bytes(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """The model description of a checkpoint, without loading its weights."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable .safetensors checkpoint ({_first_line(error)})") from error
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path}: a safetensors file without an rpn model description")
+    try:
+        data = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: model description is not valid JSON ({error})") from error
+    return ModelSpec.from_dict(data, source=str(path))
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> RegionProposalNetwork:
+    """Rebuild the model a checkpoint describes and load its weights, in eval mode on ``device``."""
+    path = Path(path)
+    spec = read_spec(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: cannot read weights ({_first_line(error)})") from error
+    model = RegionProposalNetwork(spec)
+    load_state_strict(model, tensors, str(path))
+    return model.to(device).eval()
+
+
+def load_state_strict(model: torch.nn.Module, tensors: dict, source: str) -> None:
+    """Load ``tensors`` into ``model``; a missing, unexpected or mis-shaped key is a one-line error naming it."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [key for key in tensors if key not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected key {unexpected[0]}")
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: key {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(tensors)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_torch_state_dict(path: Path) -> dict:
+    """A ``.pth`` state dict, read without unpickling arbitrary objects."""
+    _check_exists(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
+        raise CheckpointError(f"{path}: not a readable PyTorch state dict ({_first_line(error)})") from error
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def convert_seed_project(source: str | Path, destination: str | Path) -> ModelSpec:
+    """Import a seed-project state dict (``extractor.*``, ``rpn.conv1|score|loc.*``) into our format."""
+    source = Path(source)
+    state = read_torch_state_dict(source)
+    tensors = {}
+    for key, tensor in state.items():
+        if key.startswith("extractor."):
+            tensors["backbone.body." + key[len("extractor."):]] = tensor
+        elif key.startswith(("rpn.conv1.", "rpn.score.", "rpn.loc.")):
+            tensors["head." + key[len("rpn."):]] = tensor
+    spec = seed_project_spec()
+    spec.provenance = {"converted_from": str(source), "source_format": "seed-project",
+                       "note": "anchors in the seed project's transposed x/y order; RGB/255 input, no mean"}
+    model = RegionProposalNetwork(spec)
+    # BatchNorm's num_batches_tracked is absent from some exports and unused at inference.
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in tensors:
+            tensors[key] = value
+    load_state_strict(model, tensors, str(source))
+    save_checkpoint(model, destination, spec)
+    return spec

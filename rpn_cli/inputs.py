@@ -1,0 +1,61 @@
+"""Turning command-line inputs (files, folders, globs, ``-``) into an ordered list of images."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, TextIO
+
+from .images import IMAGE_SUFFIXES
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image to process. ``given``: the path as the user wrote it (or as joined from a folder);
+    ``relative``: its path inside the folder it came from, for naming outputs; ``problem``: why it
+    cannot be read, when that is known before reading (missing path, empty glob)."""
+
+    given: str
+    relative: str
+    problem: str | None = None
+
+
+def _is_image(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def _folder_images(folder: str, recursive: bool) -> list[InputImage]:
+    base = Path(folder)
+    found = base.rglob("*") if recursive else base.iterdir()
+    files = sorted(p for p in found if p.is_file() and _is_image(p.name))
+    return [InputImage(os.path.join(folder, str(p.relative_to(base))), str(p.relative_to(base))) for p in files]
+
+
+def expand_inputs(inputs: Iterable[str], recursive: bool = False, stdin: TextIO | None = None) -> list[InputImage]:
+    """Every image the inputs name, in the order given (folders and globs sorted).
+
+    ``-`` reads one path per line from ``stdin``. A path that does not exist or
+    a glob that matches nothing is kept with a ``problem``, so the run can
+    report it and go on.
+    """
+    result: list[InputImage] = []
+    for item in inputs:
+        if item == "-":
+            lines = [line.strip() for line in (stdin.read().splitlines() if stdin else [])]
+            result.extend(expand_inputs([line for line in lines if line and line != "-"], recursive))
+        elif os.path.isdir(item):
+            result.extend(_folder_images(item, recursive))
+        elif os.path.exists(item):
+            result.append(InputImage(item, os.path.basename(item)))
+        elif _GLOB_CHARS & set(item):
+            matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m) and _is_image(m))
+            if not matches:
+                result.append(InputImage(item, os.path.basename(item), "no image matches this pattern"))
+            result.extend(InputImage(m, os.path.basename(m)) for m in matches)
+        else:
+            result.append(InputImage(item, os.path.basename(item), "no such file or folder"))
+    return result

@@ -1,0 +1,225 @@
+"""The Region Proposal Network: a backbone, the seed's head, and the description that defines both.
+
+:class:`ModelSpec` is everything needed to rebuild a model and use it
+correctly (it is stored as JSON inside each checkpoint); nothing about a
+checkpoint is guessed at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .anchors import anchor_shapes, cached_grid_anchors, seed_project_anchor_shapes
+from .backbones import build_backbone
+from .boxes import DEFAULT_DELTA_CLAMP
+from .errors import CheckpointError
+from .proposals import ProposalSettings
+
+FORMAT_VERSION = 1
+SCORE_KINDS = ("sigmoid", "softmax2")
+
+
+@dataclass
+class ModelSpec:
+    """Architecture, anchors, preprocessing and provenance of one RPN checkpoint.
+
+    ``levels``: one entry per feature map, finest first, each
+    ``{"stride": int, "anchors": [[x1, y1, x2, y2], ...]}`` in the order of the
+    head's channels. ``score``: ``sigmoid`` (one logit per anchor) or
+    ``softmax2`` (the seed's interleaved background/foreground pairs).
+    """
+
+    backbone: dict
+    levels: list[dict]
+    head: dict
+    preprocess: dict
+    score: str = "sigmoid"
+    anchor_offset: float = 0.0
+    box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    delta_clamp: float = DEFAULT_DELTA_CLAMP
+    proposals: dict = field(default_factory=lambda: ProposalSettings().to_dict())
+    provenance: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "checkpoint") -> "ModelSpec":
+        required = ("backbone", "levels", "head", "preprocess")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise CheckpointError(f"{source}: model description lacks {', '.join(missing)}")
+        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise CheckpointError(f"{source}: written by a newer rpn (format {data['format_version']})")
+        known = set(cls.__dataclass_fields__)
+        spec = cls(**{key: value for key, value in data.items() if key in known})
+        if spec.score not in SCORE_KINDS:
+            raise CheckpointError(f"{source}: unknown score kind {spec.score!r}")
+        counts = {len(level["anchors"]) for level in spec.levels}
+        if len(counts) != 1:
+            raise CheckpointError(f"{source}: every level needs the same number of anchors, got {sorted(counts)}")
+        return spec
+
+    @property
+    def anchors_per_location(self) -> int:
+        return len(self.levels[0]["anchors"])
+
+    def proposal_settings(self, **overrides) -> ProposalSettings:
+        values = {**self.proposals, **{k: v for k, v in overrides.items() if v is not None}}
+        return ProposalSettings(**values).validated()
+
+
+def level_anchor_shapes(stride: int, ratios, scales) -> list[list[float]]:
+    """Anchor shapes for one level as JSON-ready lists: ``anchor_shapes(stride, ratios, scales)``."""
+    return anchor_shapes(stride, ratios, scales).tolist()
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU, then 1x1 objectness and 1x1 box deltas, shared across levels.
+
+    ``score_channels`` is 1 for sigmoid scores, 2 for the seed's softmax pairs.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, anchors: int, score_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, 1, 1)
+        self.score = nn.Conv2d(mid_channels, anchors * score_channels, 1, 1, 0)
+        self.loc = nn.Conv2d(mid_channels, anchors * 4, 1, 1, 0)
+        for layer in (self.conv1, self.score, self.loc):
+            nn.init.normal_(layer.weight, 0.0, 0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        outputs = []
+        for feature in features:
+            hidden = torch.relu(self.conv1(feature))
+            outputs.append((self.score(hidden), self.loc(hidden)))
+        return outputs
+
+
+@dataclass
+class LevelOutput:
+    """Head output of one level, flattened in anchor order ``(y * W + x) * A + a``.
+
+    logits: (N, H*W*A) for sigmoid, (N, H*W*A, 2) for softmax pairs;
+    deltas: (N, H*W*A, 4); anchors: (H*W*A, 4) in resized-image pixels.
+    """
+
+    logits: torch.Tensor
+    deltas: torch.Tensor
+    anchors: torch.Tensor
+    height: int
+    width: int
+
+
+class RegionProposalNetwork(nn.Module):
+    """Backbone + head; ``forward`` gives per-level logits, deltas and anchors."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.backbone = build_backbone(spec.backbone)
+        strides = [int(level["stride"]) for level in spec.levels]
+        if strides != list(self.backbone.strides):
+            raise CheckpointError(
+                f"levels at strides {strides} do not match backbone {spec.backbone['name']} ({self.backbone.strides})"
+            )
+        score_channels = 1 if spec.score == "sigmoid" else 2
+        in_channels = self.backbone.out_channels[0]
+        self.head = RPNHead(in_channels, int(spec.head["mid_channels"]), spec.anchors_per_location, score_channels)
+        self._shapes = [torch.tensor(level["anchors"], dtype=torch.float32) for level in spec.levels]
+
+    def forward(self, images: torch.Tensor) -> list[LevelOutput]:
+        """images: (N, 3, H, W), preprocessed."""
+        outputs = []
+        head_outputs = self.head(self.backbone(images))
+        for (score, loc), level, shapes in zip(head_outputs, self.spec.levels, self._shapes):
+            n, _, height, width = score.shape
+            a = shapes.shape[0]
+            if self.spec.score == "sigmoid":
+                logits = score.permute(0, 2, 3, 1).reshape(n, -1)
+            else:
+                logits = score.permute(0, 2, 3, 1).reshape(n, -1, 2)
+            deltas = loc.permute(0, 2, 3, 1).reshape(n, -1, 4)
+            anchors = cached_grid_anchors(shapes, level["stride"], height, width, self.spec.anchor_offset, score.device)
+            if anchors.shape[0] != height * width * a:
+                raise CheckpointError("anchor grid does not match the head's output")
+            outputs.append(LevelOutput(logits, deltas, anchors, height, width))
+        return outputs
+
+
+def objectness(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
+    """Objectness probabilities (N, M) in float32 from logits of either score kind."""
+    logits = logits.float()
+    if score_kind == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)[..., 1]
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_mobilenet_spec(
+    fpn_channels: int = 128,
+    mid_channels: int = 128,
+    sizes_per_level: tuple = ((16, 32), (64, 128), (256, 512)),
+    ratios: tuple = (0.5, 1.0, 2.0),
+    shorter_side: int = 512,
+    max_size: int = 853,
+) -> ModelSpec:
+    """The architecture of the shipped default: MobileNetV2 + FPN at strides 8/16/32."""
+    strides = (8, 16, 32)
+    levels = []
+    for stride, sizes in zip(strides, sizes_per_level):
+        scales = [size / stride for size in sizes]
+        levels.append({"stride": stride, "ratios": list(ratios), "scales": scales,
+                       "anchors": level_anchor_shapes(stride, ratios, scales)})
+    return ModelSpec(
+        backbone={"name": "mobilenet_v2_fpn", "fpn_channels": fpn_channels},
+        levels=levels,
+        head={"mid_channels": mid_channels},
+        score="sigmoid",
+        preprocess=imagenet_preprocess(shorter_side, max_size),
+    )
+
+
+def imagenet_preprocess(shorter_side: int, max_size: int | None, interpolation: str = "bilinear") -> dict:
+    return {
+        "resize": "shorter_side",
+        "size": shorter_side,
+        "max_size": max_size,
+        "interpolation": interpolation,
+        "channel_order": "RGB",
+        "scale": 1.0 / 255.0,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+
+
+def seed_project_spec() -> ModelSpec:
+    """The seed project's ResNet-50 C4 RPN with its conventions (notes: 'original project')."""
+    ratios, scales = [0.5, 1.0, 2.0], [8.0, 16.0, 32.0]
+    return ModelSpec(
+        backbone={"name": "resnet50-c4"},
+        levels=[{"stride": 16, "ratios": ratios, "scales": scales, "anchor_order": "seed-project (x/y transposed)",
+                 "anchors": seed_project_anchor_shapes(16, ratios, scales).tolist()}],
+        head={"mid_channels": 512},
+        score="softmax2",
+        preprocess={
+            "resize": "shorter_side",
+            "size": 600,
+            "max_size": None,
+            "interpolation": "bicubic",
+            "channel_order": "RGB",
+            "scale": 1.0 / 255.0,
+            "mean": [0.0, 0.0, 0.0],
+            "std": [1.0, 1.0, 1.0],
+        },
+    )

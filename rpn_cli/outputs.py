@@ -1,0 +1,98 @@
+"""Proposal records and the files they are written to (JSON Lines, JSON, COCO results, PNG overlays)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePath
+
+from PIL import Image
+
+from .checkpoint import atomic_write_bytes
+from .engine import ImageResult
+from .errors import UsageError
+from .images import load_image
+from .inputs import InputImage
+from .predict import ImageProposals
+from .visualize import draw_proposals
+
+OUTPUT_FORMATS = ("jsonl", "json", "png", "coco")
+COCO_RESULTS_NAME = "proposals_coco.json"
+
+
+def proposal_record(image: str, proposals: ImageProposals) -> dict:
+    """The JSON object of one image: boxes (x1, y1, x2, y2) in original pixels, scores high to low."""
+    return {
+        "image": image,
+        "width": proposals.width,
+        "height": proposals.height,
+        "boxes": [[round(v, 2) for v in box] for box in proposals.boxes.tolist()],
+        "scores": [round(v, 6) for v in proposals.scores.tolist()],
+    }
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise UsageError(f"--format {text}: choose from {', '.join(OUTPUT_FORMATS)} (comma-separated)")
+    return formats
+
+
+def output_stem(relative: str) -> str:
+    """``sub/photo.jpg`` -> ``sub/photo``: where an image's ``.json`` / ``.png`` go inside ``--out``."""
+    path = PurePath(relative)
+    return str(path.with_suffix("")) if path.suffix else str(path)
+
+
+def check_output_names(items: list[InputImage]) -> None:
+    """Two inputs that would write the same output file are a usage error, found before any work."""
+    seen: dict[str, str] = {}
+    for item in items:
+        stem = output_stem(item.relative)
+        if stem in seen and seen[stem] != item.given:
+            raise UsageError(f"{item.given} and {seen[stem]} would both write {stem}.json/.png; give them distinct names")
+        seen[stem] = item.given
+
+
+def image_outputs(out_dir: Path, relative: str, formats: list[str]) -> list[Path]:
+    stem = output_stem(relative)
+    return [out_dir / f"{stem}.{fmt}" for fmt in formats if fmt in ("json", "png")]
+
+
+def write_image_outputs(out_dir: Path, result: ImageResult, formats: list[str], draw_top: int) -> None:
+    """Write the per-image files of one result, each atomically."""
+    record = proposal_record(result.item.given, result.proposals)
+    for path in image_outputs(out_dir, result.item.relative, formats):
+        if path.suffix == ".json":
+            text = json.dumps(record) + "\n"
+            atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+        else:
+            overlay = draw_proposals(load_image(result.item.given, None), result.proposals, draw_top)
+            atomic_write_bytes(path, lambda tmp: overlay.save(tmp, format="PNG"))
+
+
+def coco_image_id(image: str) -> int | str:
+    """COCO's file names are the zero-padded image id; other names keep their path as the id."""
+    stem = os.path.splitext(os.path.basename(image))[0]
+    return int(stem) if stem.isdigit() else image
+
+
+def coco_results(records: list[dict]) -> list[dict]:
+    """COCO detection results (category 1, bbox as x, y, width, height) of proposal records."""
+    results = []
+    for record in records:
+        image_id = coco_image_id(record["image"])
+        for (x1, y1, x2, y2), score in zip(record["boxes"], record["scores"]):
+            results.append({"image_id": image_id, "category_id": 1,
+                            "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": score})
+    return results
+
+
+def write_coco_results(path: Path, records: list[dict]) -> None:
+    text = json.dumps(coco_results(records))
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    atomic_write_bytes(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -1,0 +1,68 @@
+"""Training targets as in Faster R-CNN: anchor labels by IoU, sampling, and regression targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import box_iou
+
+IGNORE, NEGATIVE, POSITIVE = -1, 0, 1
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    positive_iou: float = 0.7
+    negative_iou: float = 0.3
+    samples_per_image: int = 256
+    positive_fraction: float = 0.5
+    allowed_border: float = 0.0
+
+
+def label_anchors(
+    anchors: torch.Tensor, gt_boxes: torch.Tensor, image_height: int, image_width: int,
+    settings: TargetSettings = TargetSettings(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (M,) in {-1, 0, 1} and the matched ground-truth box (M, 4) of each anchor (M, 4).
+
+    Positive: IoU >= ``positive_iou`` with a box, or (one of) the best anchor(s)
+    of a box. Negative: best IoU < ``negative_iou``. Anchors crossing the image
+    border by more than ``allowed_border`` are ignored. With no boxes, every
+    inside anchor is negative and the matched boxes are the anchors themselves.
+    """
+    border = settings.allowed_border
+    inside = (
+        (anchors[:, 0] >= -border) & (anchors[:, 1] >= -border)
+        & (anchors[:, 2] <= image_width + border) & (anchors[:, 3] <= image_height + border)
+    )
+    labels = torch.full((anchors.shape[0],), IGNORE, dtype=torch.int64, device=anchors.device)
+    if gt_boxes.numel() == 0:
+        labels[inside] = NEGATIVE
+        return labels, anchors.clone()
+    iou = box_iou(anchors, gt_boxes.to(anchors))
+    iou[~inside] = -1.0
+    best_iou, best_gt = iou.max(dim=1)
+    labels[inside & (best_iou < settings.negative_iou)] = NEGATIVE
+    labels[best_iou >= settings.positive_iou] = POSITIVE
+    gt_best = iou.max(dim=0).values
+    # An anchor is a box's best if it reaches that box's best IoU (ties included), when that is > 0.
+    is_best = ((iou == gt_best.unsqueeze(0)) & (gt_best.unsqueeze(0) > 0)).any(dim=1)
+    labels[is_best & inside] = POSITIVE
+    return labels, gt_boxes.to(anchors)[best_gt]
+
+
+def sample_labels(labels: torch.Tensor, settings: TargetSettings, generator: torch.Generator) -> torch.Tensor:
+    """Keep at most ``samples_per_image`` labelled anchors, at most ``positive_fraction`` positive;
+    the rest become ignored. Random choice from ``generator`` (CPU)."""
+    labels = labels.clone()
+    positives = torch.nonzero(labels == POSITIVE).flatten()
+    negatives = torch.nonzero(labels == NEGATIVE).flatten()
+    max_positive = int(settings.samples_per_image * settings.positive_fraction)
+    if positives.numel() > max_positive:
+        drop = positives[torch.randperm(positives.numel(), generator=generator)[max_positive:].to(labels.device)]
+        labels[drop] = IGNORE
+    max_negative = settings.samples_per_image - min(positives.numel(), max_positive)
+    if negatives.numel() > max_negative:
+        drop = negatives[torch.randperm(negatives.numel(), generator=generator)[max_negative:].to(labels.device)]
+        labels[drop] = IGNORE
+    return labels

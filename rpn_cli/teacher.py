@@ -1,0 +1,85 @@
+"""A YOLOX ONNX detector as a teacher: class-agnostic boxes for what annotations leave out.
+
+The model's contract (input 416x416 BGR 0..255 letterboxed top-left on 114,
+raw output ``(1, 3549, 85)`` at strides 8/16/32) is in the teacher's README.
+onnxruntime is an optional dependency (the ``train`` extra).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import box_iou, nms
+
+from .errors import UsageError
+
+_PAD_VALUE = 114
+_STRIDES = (8, 16, 32)
+
+
+class YoloxTeacher:
+    """Runs a YOLOX ONNX export and returns objectness-ranked boxes in original pixels."""
+
+    def __init__(self, model_path: str | Path, threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise UsageError('--teacher needs onnxruntime: pip install "rpn-cli[train]"') from error
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise UsageError(f"{model_path}: no such teacher model")
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise UsageError(f"{model_path}: not a loadable ONNX model ({error})") from error
+        shape = self.session.get_inputs()[0].shape
+        self.input_name = self.session.get_inputs()[0].name
+        self.size = int(shape[2]) if isinstance(shape[2], int) else 416
+        self.grid = _grid(self.size)
+
+    def boxes(self, image: Image.Image, score_threshold: float = 0.3, nms_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (K, 4) x1y1x2y2 and objectness (K,) for an RGB image, after class-agnostic NMS."""
+        ratio = min(self.size / image.height, self.size / image.width)
+        resized = image.resize((int(image.width * ratio), int(image.height * ratio)), Image.Resampling.BILINEAR)
+        canvas = np.full((self.size, self.size, 3), _PAD_VALUE, np.float32)
+        canvas[: resized.height, : resized.width] = np.asarray(resized, np.float32)[:, :, ::-1]
+        batch = canvas.transpose(2, 0, 1)[None]
+        raw = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0][0]
+        centres = (raw[:, :2] + self.grid[:, :2]) * self.grid[:, 2:3]
+        sizes = np.exp(np.minimum(raw[:, 2:4], 10.0)) * self.grid[:, 2:3]
+        boxes = np.concatenate((centres - sizes / 2, centres + sizes / 2), axis=1) / ratio
+        scores = raw[:, 4]
+        keep = scores >= score_threshold
+        boxes = torch.from_numpy(boxes[keep]).float()
+        scores = torch.from_numpy(scores[keep]).float()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.height)
+        kept = nms(boxes, scores, nms_iou)
+        return boxes[kept].numpy(), scores[kept].numpy()
+
+
+def _grid(size: int) -> np.ndarray:
+    """(cells, 3): x, y and stride of every output row, strides 8, 16, 32, row-major."""
+    rows = []
+    for stride in _STRIDES:
+        cells = size // stride
+        ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
+        rows.append(np.stack((xs.ravel(), ys.ravel(), np.full(cells * cells, stride)), axis=1))
+    return np.concatenate(rows).astype(np.float32)
+
+
+def merge_teacher_boxes(annotated: np.ndarray, teacher: np.ndarray, max_iou: float = 0.5) -> np.ndarray:
+    """Annotated boxes plus the teacher's boxes that overlap none of them by ``max_iou`` or more."""
+    if len(teacher) == 0:
+        return annotated
+    if len(annotated) == 0:
+        return teacher.astype(np.float32)
+    overlap = box_iou(torch.from_numpy(teacher).float(), torch.from_numpy(annotated).float()).max(dim=1).values
+    extra = teacher[(overlap < max_iou).numpy()]
+    return np.concatenate((annotated, extra.astype(np.float32)), axis=0)

@@ -1,0 +1,294 @@
+"""Training an RPN: data, teacher pseudo-labels, targets, losses, resumable epochs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .backbones import load_imagenet_weights
+from .boxes import encode_boxes
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .data import AnnotatedImage, load_dataset, split_validation
+from .errors import ImageError, UsageError
+from .evaluate import average_recall_report, proposals_from_model
+from .images import load_image
+from .model import ModelSpec, RegionProposalNetwork
+from .preprocess import resize_image, to_tensor
+from .targets import NEGATIVE, POSITIVE, TargetSettings, label_anchors, sample_labels
+from .teacher import YoloxTeacher, merge_teacher_boxes
+
+
+@dataclass
+class TrainConfig:
+    sources: list[str]
+    work_dir: str
+    epochs: int = 12
+    batch_size: int = 4
+    learning_rate: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    validation_count: int = 50
+    train_sizes: list[int] = field(default_factory=lambda: [416, 448, 480, 512, 544, 576, 608])
+    freeze_blocks: int = 4
+    backbone_weights: str | None = None
+    init_checkpoint: str | None = None
+    teacher: str | None = None
+    teacher_threshold: float = 0.3
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainingImage:
+    path: Path
+    boxes: np.ndarray  # (K, 4) x1y1x2y2, original pixels, crowd removed
+
+
+@dataclass
+class TrainEvent:
+    """What a training run reports to its caller (the CLI draws it)."""
+
+    kind: str  # "teacher", "step", "epoch", "warning"
+    done: int = 0
+    total: int = 0
+    epoch: int = 0
+    losses: dict = field(default_factory=dict)
+    message: str = ""
+
+
+Reporter = Callable[[TrainEvent], None]
+
+
+def _frozen_batchnorm(module: nn.Module) -> None:
+    """BatchNorm in eval mode with fixed parameters: batches of 4 images give poor statistics."""
+    for layer in module.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.eval()
+            for parameter in layer.parameters():
+                parameter.requires_grad_(False)
+
+
+def trunk_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The trunk's blocks in input order (what ``freeze_blocks`` counts)."""
+    if hasattr(backbone, "stages"):
+        return [block for stage in backbone.stages for block in stage]
+    return list(backbone.body)
+
+
+def freeze_first_blocks(backbone: nn.Module, count: int) -> None:
+    for block in trunk_blocks(backbone)[:count]:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+
+
+def rpn_losses(
+    levels, images_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]], score_kind: str,
+    box_weights, delta_clamp: float, targets: TargetSettings, generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Objectness and box losses of a batch.
+
+    levels: the model's :class:`LevelOutput` list; images_boxes[i]: (K_i, 4) in resized pixels;
+    image_sizes[i]: (width, height) of image i before padding.
+    """
+    anchors = torch.cat([level.anchors for level in levels])
+    cls_terms, box_terms, sampled_total = [], [], 0
+    for index, (boxes, (width, height)) in enumerate(zip(images_boxes, image_sizes)):
+        labels, matched = label_anchors(anchors, boxes, height, width, targets)
+        labels = sample_labels(labels, targets, generator)
+        sampled = torch.nonzero(labels >= NEGATIVE).flatten()
+        positive = torch.nonzero(labels == POSITIVE).flatten()
+        sampled_total += sampled.numel()
+        if score_kind == "sigmoid":
+            logits = torch.cat([level.logits[index] for level in levels])
+            cls_terms.append(F.binary_cross_entropy_with_logits(
+                logits[sampled], labels[sampled].float(), reduction="sum"))
+        else:
+            logits = torch.cat([level.logits[index] for level in levels])
+            cls_terms.append(F.cross_entropy(logits[sampled], labels[sampled], reduction="sum"))
+        deltas = torch.cat([level.deltas[index] for level in levels])
+        if positive.numel():
+            wanted = encode_boxes(anchors[positive], matched[positive], box_weights, delta_clamp)
+            box_terms.append(F.smooth_l1_loss(deltas[positive], wanted, beta=1.0 / 9, reduction="sum"))
+    normaliser = max(sampled_total, 1)
+    objectness_loss = torch.stack(cls_terms).sum() / normaliser
+    box_loss = torch.stack(box_terms).sum() / normaliser if box_terms else deltas.sum() * 0.0
+    return {"objectness": objectness_loss, "box": box_loss}
+
+
+def _training_images(
+    images: list[AnnotatedImage], teacher: YoloxTeacher | None, threshold: float, cache_file: Path, report: Reporter
+) -> list[TrainingImage]:
+    """Boxes to train on: annotations (crowd removed) plus, with a teacher, its boxes for what they miss;
+    unlabeled images only with a teacher. Teacher boxes are cached in ``cache_file``."""
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    result = []
+    for done, image in enumerate(images):
+        annotated = image.boxes[~image.crowd]
+        if teacher is None:
+            if image.labelled:
+                result.append(TrainingImage(image.path, annotated))
+            continue
+        key = str(image.path)
+        if key not in cache:
+            try:
+                boxes, _ = teacher.boxes(load_image(image.path), threshold)
+            except ImageError as error:
+                report(TrainEvent("warning", message=f"skipped: {error}"))
+                continue
+            cache[key] = boxes.round(2).tolist()
+        teacher_boxes = np.array(cache[key], np.float32).reshape(-1, 4)
+        result.append(TrainingImage(image.path, merge_teacher_boxes(annotated, teacher_boxes)))
+        report(TrainEvent("teacher", done=done + 1, total=len(images)))
+    if teacher is not None:
+        atomic_write_bytes(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache)))
+    return result
+
+
+def _augmented(image: Image.Image, boxes: np.ndarray, spec: ModelSpec, size: int, flip: bool):
+    resized = resize_image(image, spec.preprocess, size)
+    sx, sy = resized.width / image.width, resized.height / image.height
+    scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
+    if flip:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        scaled = np.stack((resized.width - scaled[:, 2], scaled[:, 1], resized.width - scaled[:, 0], scaled[:, 3]), 1)
+    keep = ((scaled[:, 2] - scaled[:, 0]) >= 1) & ((scaled[:, 3] - scaled[:, 1]) >= 1)
+    return to_tensor(resized, spec.preprocess), torch.from_numpy(scaled[keep].reshape(-1, 4))
+
+
+def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage]) -> dict:
+    """AR report of ``model`` (its default proposal settings) on annotated images."""
+    found = proposals_from_model(model, images, model.spec.proposal_settings())
+    return average_recall_report(images, found, (10, 100, 300))
+
+
+def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
+    """Train (or resume) and write ``work_dir/final.safetensors``; returns the last validation report."""
+    work_dir = Path(config.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    images: list[AnnotatedImage] = []
+    for source in config.sources:
+        images.extend(load_dataset(source))
+    labelled = sum(image.labelled for image in images)
+    validation_count = min(config.validation_count, max(labelled - 1, 0))
+    train_images, validation = split_validation(images, validation_count, config.seed)
+    teacher = YoloxTeacher(config.teacher) if config.teacher else None
+    if teacher is None and labelled < len(images):
+        report(TrainEvent("warning", message=f"{len(images) - labelled} unlabeled images are unused without --teacher"))
+    samples = _training_images(train_images, teacher, config.teacher_threshold, work_dir / "teacher_boxes.json", report)
+    if not samples:
+        raise UsageError("no training images")
+
+    if config.init_checkpoint:
+        model = load_checkpoint(config.init_checkpoint, "cpu")
+        spec = model.spec
+    else:
+        model = RegionProposalNetwork(spec)
+        if config.backbone_weights:
+            load_imagenet_weights(model.backbone, spec.backbone, Path(config.backbone_weights))
+    _frozen_batchnorm(model.backbone)
+    freeze_first_blocks(model.backbone, config.freeze_blocks)
+    model.to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=config.learning_rate, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(samples) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+
+    def learning_rate(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(config.warmup_steps, 1))
+        return config.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+    state_file = work_dir / "last.pt"
+    start_epoch, history = 0, []
+    if state_file.exists():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = int(state["epoch"]), json.loads(state["history"])
+        report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {start_epoch}"))
+
+    target_settings = TargetSettings()
+    last_report: dict = history[-1]["validation"] if history else {}
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        _frozen_batchnorm(model.backbone)
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        rng = random.Random(config.seed * 1000 + epoch)
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        started, sums = time.time(), {"objectness": 0.0, "box": 0.0}
+        for step in range(steps_per_epoch):
+            chosen = [samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+            size = rng.choice(config.train_sizes)
+            tensors, boxes, sizes = [], [], []
+            for sample in chosen:
+                try:
+                    image = load_image(sample.path)
+                except ImageError as error:
+                    report(TrainEvent("warning", message=f"skipped: {error}"))
+                    continue
+                tensor, scaled = _augmented(image, sample.boxes, spec, size, rng.random() < 0.5)
+                tensors.append(tensor)
+                boxes.append(scaled.to(device))
+                sizes.append((tensor.shape[2], tensor.shape[1]))
+            if not tensors:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch * steps_per_epoch + step)
+            batch = torch.zeros((len(tensors), 3, max(s[1] for s in sizes), max(s[0] for s in sizes)))
+            for i, tensor in enumerate(tensors):
+                batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
+            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+            losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp,
+                                target_settings, generator)
+            loss = losses["objectness"] + losses["box"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key in sums:
+                sums[key] += losses[key].item()
+            report(TrainEvent("step", done=step + 1, total=steps_per_epoch, epoch=epoch + 1,
+                              losses={key: value / (step + 1) for key, value in sums.items()}))
+        model.eval()
+        last_report = evaluate_model(model, validation) if validation else {}
+        history.append({"epoch": epoch + 1, "seconds": round(time.time() - started, 1),
+                        "losses": {key: round(value / steps_per_epoch, 5) for key, value in sums.items()},
+                        "validation": last_report})
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "history": json.dumps(history)}
+        atomic_write_bytes(state_file, lambda tmp: torch.save(state, tmp))
+        report(TrainEvent("epoch", done=epoch + 1, total=config.epochs, epoch=epoch + 1,
+                          losses=history[-1]["losses"], message=json.dumps(last_report)))
+
+    spec.provenance = {
+        "trained_by": "rpn train",
+        "command": config.command,
+        "data": [str(source) for source in config.sources],
+        "training_images": len(samples),
+        "validation_images": [image.image_id for image in validation],
+        "teacher": Path(config.teacher).name if config.teacher else None,
+        "config": config.to_dict(),
+        "history": history,
+        "validation": last_report,
+    }
+    model.spec = spec
+    save_checkpoint(model, work_dir / "final.safetensors", spec)
+    return last_report

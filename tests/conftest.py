@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+COCO_DIR = SHARED / "data" / "coco-train2017"
+TEACHER = SHARED / "teachers" / "yolox-nano" / "yolox_nano.onnx"
+SAMPLES = ROOT / "samples"
+DEFAULT_CHECKPOINT = ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors"
+
+
+@pytest.fixture
+def coco_dir() -> Path:
+    if not (COCO_DIR / "instances.json").is_file():
+        pytest.skip(f"the shared COCO data is absent ({COCO_DIR}); these tests read real annotated photos from it")
+    return COCO_DIR
+
+
+@pytest.fixture
+def teacher_model() -> Path:
+    if not TEACHER.is_file():
+        pytest.skip(f"the shared teacher model is absent ({TEACHER})")
+    return TEACHER
+
+
+@pytest.fixture
+def default_checkpoint() -> Path:
+    if not DEFAULT_CHECKPOINT.is_file():
+        pytest.fail(f"the shipped checkpoint {DEFAULT_CHECKPOINT} is missing")
+    return DEFAULT_CHECKPOINT
+
+
+def run_rpn(*args, input=None, cwd=None, check=False):
+    """``python -m rpn_cli ARGS`` as a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "rpn_cli", *map(str, args)], input=input, capture_output=True,
+                            text=True, cwd=cwd, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"rpn {' '.join(map(str, args))} failed ({result.returncode}): {result.stderr}")
+    return result

@@ -1,0 +1,201 @@
+"""Our checkpoint format, the seed-project import, and a hand-built model whose proposals are known."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import models
+
+from rpn_cli.backbones import SingleLevelBackbone, register_backbone
+from rpn_cli.checkpoint import convert_seed_project, load_checkpoint, read_spec, save_checkpoint
+from rpn_cli.errors import CheckpointError
+from rpn_cli.model import ModelSpec, RegionProposalNetwork, default_mobilenet_spec
+from rpn_cli.predict import proposals_for_batch
+from rpn_cli.preprocess import prepare_image, resized_size
+
+from conftest import SAMPLES
+from seed_reference import enumerate_shifted_anchor, generate_anchor_base, seed_proposal_layer, seed_scores_and_locs
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = RegionProposalNetwork(default_mobilenet_spec()).eval()
+    model.spec.provenance = {"trained_by": "a test"}
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(model, path)
+    loaded = load_checkpoint(path)
+    assert loaded.spec.to_dict() == model.spec.to_dict()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_truncated_wrong_and_missing_files_are_one_line_errors(tmp_path):
+    model = RegionProposalNetwork(default_mobilenet_spec())
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(model, path)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    for bad in (truncated, text, tmp_path / "absent.safetensors", tmp_path):
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(bad)
+        message = str(caught.value)
+        assert str(bad) in message and "\n" not in message
+
+
+def _seed_extractor() -> nn.Sequential:
+    """The seed project's ResNet-50 C4 built here from its description in the notes."""
+    resnet = models.resnet50(weights=None)
+    for layer in (resnet.layer2, resnet.layer3):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    resnet.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
+    return nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2, resnet.layer3)
+
+
+class _SeedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1024, 512, 3, 1, 1)
+        self.score = nn.Conv2d(512, 18, 1, 1, 0)
+        self.loc = nn.Conv2d(512, 36, 1, 1, 0)
+        for layer in (self.conv1, self.score, self.loc):
+            nn.init.normal_(layer.weight, 0, 0.01)
+            nn.init.zeros_(layer.bias)
+
+
+def test_seed_project_import_matches_the_seed_algorithm(tmp_path):
+    torch.manual_seed(0)
+    extractor, rpn = _seed_extractor().eval(), _SeedHead().eval()
+    # Non-trivial BatchNorm statistics, so a key mapped to the wrong layer shows.
+    for module in extractor.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    state = {f"extractor.{k}": v for k, v in extractor.state_dict().items()}
+    state.update({f"rpn.{k}": v for k, v in rpn.state_dict().items()})
+    state["head.cls_loc.weight"] = torch.zeros(4, 4)  # second stage: ignored
+    source = tmp_path / "seed.pth"
+    torch.save(state, source)
+    converted = tmp_path / "seed.safetensors"
+    convert_seed_project(source, converted)
+    model = load_checkpoint(converted)
+
+    image = Image.open(SAMPLES / "coffee.jpg").convert("RGB")  # 600 x 400
+    new_w = int(600 * image.width / image.height)
+    resized = image.resize((new_w, 600), Image.Resampling.BICUBIC)
+    assert resized_size(image.width, image.height, model.spec.preprocess) == (new_w, 600)
+    x = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        features = extractor(x)
+        hidden = torch.relu(rpn.conv1(features))
+        fg, locs = seed_scores_and_locs(rpn.score(hidden), rpn.loc(hidden))
+    anchors = enumerate_shifted_anchor(generate_anchor_base(), 16, features.shape[2], features.shape[3])
+    expected, expected_scores = seed_proposal_layer(locs[0], fg[0], anchors, (600, new_w))
+
+    ours = proposals_for_batch(model, [prepare_image(image, model.spec.preprocess)], model.spec.proposal_settings())[0]
+    assert ours.boxes.shape[0] == expected.shape[0] > 0
+    scale_x, scale_y = new_w / image.width, 600 / image.height
+    expected_original = expected / torch.tensor([scale_x, scale_y, scale_x, scale_y])
+    torch.testing.assert_close(ours.boxes, expected_original, rtol=0, atol=1e-2)
+    torch.testing.assert_close(ours.scores, expected_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_seed_import_names_a_mis_shaped_key(tmp_path):
+    state = {f"extractor.{k}": v for k, v in _seed_extractor().state_dict().items()}
+    state.update({f"rpn.{k}": v for k, v in _SeedHead().state_dict().items()})
+    state["rpn.loc.weight"] = torch.zeros(8, 512, 1, 1)
+    source = tmp_path / "bad.pth"
+    torch.save(state, source)
+    with pytest.raises(CheckpointError, match="rpn|head.loc.weight"):
+        convert_seed_project(source, tmp_path / "out.safetensors")
+    del state["rpn.loc.weight"]
+    torch.save(state, source)
+    with pytest.raises(CheckpointError, match="missing key head.loc.weight"):
+        convert_seed_project(source, tmp_path / "out.safetensors")
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    source = tmp_path / "evil.pth"
+    torch.save({"extractor.x": torch.zeros(1), "object": object()}, source)
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        convert_seed_project(source, tmp_path / "out.safetensors")
+
+
+# A hand-built model: features are the mean brightness of each 16x16 cell; one 32x32 anchor per
+# cell, centred on it; its logit is large where a cell is bright, and the deltas are 0. So the
+# proposals are exactly the bright cells' anchors, which the tests can compute by hand.
+@register_backbone("test-brightness")
+def _brightness_backbone(description):
+    return SingleLevelBackbone(nn.Sequential(nn.AvgPool2d(16)), stride=16, channels=3)
+
+
+def _bright_cell_model(tmp_path):
+    spec = ModelSpec(
+        backbone={"name": "test-brightness"},
+        levels=[{"stride": 16, "anchors": [[-16.0, -16.0, 16.0, 16.0]]}],
+        head={"mid_channels": 1},
+        preprocess={"resize": "shorter_side", "size": 64, "max_size": None, "interpolation": "nearest",
+                     "channel_order": "RGB", "scale": 1 / 255, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        anchor_offset=0.5,
+        proposals={"pre_nms_top_n": 3000, "post_nms_top_n": 300, "nms_iou": 0.99, "min_size": 1.0,
+                   "min_score": 0.5, "nms_per_level": False},
+    )
+    model = RegionProposalNetwork(spec)
+    with torch.no_grad():
+        model.head.conv1.weight.zero_()
+        model.head.conv1.weight[0, :, 1, 1] = 1.0  # sum of the cell's three channel means
+        model.head.conv1.bias.zero_()
+        model.head.score.weight.fill_(40.0)
+        model.head.score.bias.fill_(-60.0)  # sigmoid > 0.5 only where the cell's channel sum > 1.5
+        model.head.loc.weight.zero_()
+        model.head.loc.bias.zero_()
+    path = tmp_path / "bright.safetensors"
+    save_checkpoint(model, path)
+    return load_checkpoint(path)
+
+
+@pytest.mark.parametrize("size,cell", [((96, 160), (2, 1)), ((200, 120), (1, 3)), ((12, 9), (0, 0))])
+def test_bright_rectangle_maps_back_to_original_pixels(tmp_path, size, cell):
+    """Landscape, portrait and tiny images: the proposal of the one bright cell, in original pixels."""
+    model = _bright_cell_model(tmp_path)
+    width, height = size
+    new_w, new_h = resized_size(width, height, model.spec.preprocess)
+    scale_x, scale_y = new_w / width, new_h / height
+    array = np.zeros((height, width, 3), np.uint8)
+    cx, cy = cell
+    # The cell (cx, cy) of the resized image, drawn in original pixels (nearest-neighbour resize).
+    x1, x2 = int(np.ceil(cx * 16 / scale_x)), int(np.ceil((cx + 1) * 16 / scale_x))
+    y1, y2 = int(np.ceil(cy * 16 / scale_y)), int(np.ceil((cy + 1) * 16 / scale_y))
+    array[y1:y2, x1:x2] = 255
+    result = proposals_for_batch(model, [prepare_image(Image.fromarray(array), model.spec.preprocess)],
+                                 model.spec.proposal_settings())[0]
+    assert result.boxes.shape[0] == 1
+    centre_x, centre_y = (cx + 0.5) * 16, (cy + 0.5) * 16
+    resized_box = np.clip([centre_x - 16, centre_y - 16, centre_x + 16, centre_y + 16], 0, [new_w, new_h, new_w, new_h])
+    expected = resized_box / np.array([scale_x, scale_y, scale_x, scale_y])
+    np.testing.assert_allclose(result.boxes[0].numpy(), expected, atol=1e-3)
+    assert (result.width, result.height) == (width, height)
+
+
+def test_batch_clips_each_image_to_its_own_size(tmp_path):
+    """Pitfall 6: a padded batch must not let the small image's boxes reach into the padding."""
+    model = _bright_cell_model(tmp_path)
+    wide = Image.fromarray(np.full((64, 256, 3), 255, np.uint8))
+    small = Image.fromarray(np.full((64, 64, 3), 255, np.uint8))
+    prepared = [prepare_image(image, model.spec.preprocess) for image in (wide, small)]
+    results = proposals_for_batch(model, prepared, model.spec.proposal_settings())
+    assert results[1].boxes.shape[0] == 16
+    assert float(results[1].boxes[:, 2].max()) <= 64 and float(results[1].boxes[:, 3].max()) <= 64
+    assert float(results[0].boxes[:, 2].max()) == 256
+
+
+def test_spec_json_is_complete(tmp_path):
+    model = _bright_cell_model(tmp_path)
+    data = read_spec(tmp_path / "bright.safetensors").to_dict()
+    for key in ("backbone", "levels", "head", "score", "anchor_offset", "preprocess", "provenance", "box_weights"):
+        assert key in data
+    assert json.loads(json.dumps(data)) == data

@@ -1,0 +1,235 @@
+"""The command line, through Typer's runner and as a subprocess, on real files."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from rpn_cli import cli
+from rpn_cli.checkpoint import load_checkpoint, save_checkpoint
+from rpn_cli.images import load_image
+from rpn_cli.model import RegionProposalNetwork, default_mobilenet_spec, parameter_count
+from rpn_cli.predict import proposals_for_batch
+from rpn_cli.preprocess import prepare_image
+
+from conftest import ROOT, SAMPLES, run_rpn
+from images_for_tests import write_test_images
+from seed_reference import SEED_PRINTED_ANCHOR_BASE
+
+runner = CliRunner()
+SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small untrained model: the CLI's plumbing does not depend on what the weights learnt."""
+    torch.manual_seed(0)
+    spec = default_mobilenet_spec(shorter_side=256, max_size=427)
+    model = RegionProposalNetwork(spec)
+    path = tmp_path_factory.mktemp("ckpt") / "random.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    files = write_test_images(folder)
+    return folder, files
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def test_propose_jsonl_matches_the_library_in_original_pixels(checkpoint):
+    result = run_rpn("propose", *SAMPLE_FILES, "--checkpoint", checkpoint, "--quiet", check=True)
+    records = _records(result.stdout)
+    assert [r["image"] for r in records] == [str(p) for p in SAMPLE_FILES]
+    model = load_checkpoint(checkpoint)
+    for record, path in zip(records, SAMPLE_FILES):
+        with Image.open(path) as image:
+            assert (record["width"], record["height"]) == image.size
+        boxes, scores = np.array(record["boxes"]).reshape(-1, 4), np.array(record["scores"])
+        assert 0 < len(scores) <= 300 and len(boxes) == len(scores)
+        assert np.all(np.diff(scores) <= 0) and scores.min() >= 0 and scores.max() <= 1
+        assert boxes[:, [0, 2]].max() <= record["width"] and boxes[:, [1, 3]].max() <= record["height"]
+        assert boxes.min() >= 0 and np.all(boxes[:, 2] >= boxes[:, 0]) and np.all(boxes[:, 3] >= boxes[:, 1])
+        expected = proposals_for_batch(model, [prepare_image(load_image(path), model.spec.preprocess)],
+                                       model.spec.proposal_settings())[0]
+        np.testing.assert_allclose(boxes, expected.boxes.numpy(), atol=0.006)
+        np.testing.assert_allclose(scores, expected.scores.numpy(), atol=1e-6)
+
+
+def test_options_limit_the_output(checkpoint):
+    result = run_rpn("propose", SAMPLE_FILES[0], "-c", checkpoint, "-q", "--top-k", "7", check=True)
+    assert len(_records(result.stdout)[0]["boxes"]) == 7
+    result = run_rpn("propose", SAMPLE_FILES[0], "-c", checkpoint, "-q", "--post-nms-top-n", "20", "--nms-iou", "0.5",
+                     "--min-size", "40", "--pre-nms-top-n", "100", check=True)
+    record = _records(result.stdout)[0]
+    boxes = np.array(record["boxes"])
+    assert len(boxes) <= 20
+    scale = 256 / min(record["width"], record["height"])
+    assert np.all((boxes[:, 2] - boxes[:, 0]) * scale >= 40 - 0.05)
+    result = run_rpn("propose", SAMPLE_FILES[0], "-c", checkpoint, "-q", "--min-score", "0.999", check=True)
+    assert all(s >= 0.999 for s in _records(result.stdout)[0]["scores"])
+
+
+def test_out_folder_json_png_and_coco(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    stdout = run_rpn("propose", *SAMPLE_FILES, "-c", checkpoint, "-q", check=True).stdout
+    run_rpn("propose", *SAMPLE_FILES, "-c", checkpoint, "-q", "--out", out, "--format", "json,png", check=True)
+    for record, path in zip(_records(stdout), SAMPLE_FILES):
+        written = json.loads((out / f"{path.stem}.json").read_text())
+        assert written == record
+        with Image.open(out / f"{path.stem}.png") as overlay:
+            assert overlay.size == (record["width"], record["height"])
+    assert not list(out.glob(".*tmp"))
+    coco_file = tmp_path / "results.json"
+    run_rpn("propose", *SAMPLE_FILES, "-c", checkpoint, "-q", "--out", coco_file, "--format", "coco", check=True)
+    results = json.loads(coco_file.read_text())
+    first = _records(stdout)[0]
+    mine = [r for r in results if r["image_id"] == str(SAMPLE_FILES[0])]
+    assert len(mine) == len(first["boxes"]) and all(r["category_id"] == 1 for r in mine)
+    x1, y1, x2, y2 = first["boxes"][0]
+    assert mine[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.011)
+
+
+def test_bad_inputs_are_reported_and_the_run_goes_on(checkpoint, bad_folder):
+    folder, files = bad_folder
+    result = run_rpn("propose", folder, files["jpeg"], folder / "absent.jpg", "-c", checkpoint)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    for kind in ("empty", "text", "truncated", "corrupt", "huge"):
+        assert any(str(files[kind]) in line for line in errors), kind
+    assert any("absent.jpg: no such file" in line for line in errors)
+    assert len(errors) == 6 and "Traceback" not in result.stderr
+    good = {"jpeg", "png", "bmp", "tiff", "webp", "grey", "palette", "rgba", "16bit", "exif"}
+    assert len(_records(result.stdout)) == len(good) + 1
+    assert "11 images" in result.stderr and "6 failed" in result.stderr
+
+
+def test_fail_fast_stops_at_the_first_failure(checkpoint, bad_folder):
+    _, files = bad_folder
+    result = run_rpn("propose", files["jpeg"], files["empty"], files["png"], "-c", checkpoint, "--fail-fast", "-q")
+    assert result.returncode == 1
+    assert len(_records(result.stdout)) == 1 and "empty file" in result.stderr
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    missing = run_rpn("propose", SAMPLE_FILES[0], "-c", tmp_path / "nope.safetensors")
+    assert missing.returncode == 3 and missing.stderr.count("\n") == 1 and "nope.safetensors" in missing.stderr
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    result = run_rpn("propose", SAMPLE_FILES[0], "-c", junk)
+    assert result.returncode == 3 and str(junk) in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_no_default_checkpoint_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "DEFAULT_CHECKPOINT", tmp_path / "absent.safetensors")
+    result = runner.invoke(cli.app, ["propose", str(SAMPLE_FILES[0])])
+    assert result.exit_code == 2 and "no default checkpoint" in result.output
+
+
+def test_skip_existing_resumes_a_folder_run(checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in SAMPLE_FILES:
+        shutil.copy(path, images / path.name)
+    out = tmp_path / "out"
+    run_rpn("propose", images, "-c", checkpoint, "--out", out, "-q", check=True)
+    kept = out / "astronaut.json"
+    before = kept.stat().st_mtime_ns
+    (out / "coffee.json").unlink()
+    result = run_rpn("propose", images, "-c", checkpoint, "--out", out, "--skip-existing", check=True)
+    assert "1 images" in result.stderr and "3 skipped" in result.stderr
+    assert (out / "coffee.json").exists() and kept.stat().st_mtime_ns == before
+
+
+def test_closed_stdout_ends_quietly(checkpoint, tmp_path):
+    listing = "\n".join(str(p) for p in SAMPLE_FILES * 5)
+    command = (f"printf '%s\\n' {' '.join(str(p) for p in SAMPLE_FILES * 5)} | "
+               f"{sys.executable} -m rpn_cli propose - -c {checkpoint} -q | head -n 1; echo \"status ${{PIPESTATUS[1]}}\" >&2")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=600)
+    assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout)["image"] == str(SAMPLE_FILES[0])
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
+    assert result.stderr.strip().endswith("status 141")
+    assert listing
+
+
+def test_two_runs_give_identical_output_in_input_order(checkpoint):
+    order = [SAMPLE_FILES[2], SAMPLE_FILES[0], SAMPLE_FILES[3], SAMPLE_FILES[1]]
+    first = run_rpn("propose", *order, "-c", checkpoint, "-q", "--workers", "3", check=True).stdout
+    second = run_rpn("propose", *order, "-c", checkpoint, "-q", "--workers", "0", check=True).stdout
+    assert first == second
+    assert [r["image"] for r in _records(first)] == [str(p) for p in order]
+
+
+def test_stdin_list_and_glob(checkpoint):
+    listed = run_rpn("propose", "-", "-c", checkpoint, "-q", input=f"{SAMPLE_FILES[1]}\n{SAMPLE_FILES[0]}\n", check=True)
+    assert [r["image"] for r in _records(listed.stdout)] == [str(SAMPLE_FILES[1]), str(SAMPLE_FILES[0])]
+    globbed = run_rpn("propose", str(SAMPLES / "c*.jpg"), "-c", checkpoint, "-q", check=True)
+    assert [r["image"] for r in _records(globbed.stdout)] == [str(SAMPLES / "chelsea.jpg"), str(SAMPLES / "coffee.jpg")]
+
+
+def test_anchors_table_with_seed_defaults_and_png(tmp_path):
+    out = tmp_path / "anchors.png"
+    result = runner.invoke(cli.app, ["anchors", "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    # The seed's rows are (-h/2, -w/2, h/2, w/2): the heights its loop meant are columns 2 - 0.
+    seed_heights = SEED_PRINTED_ANCHOR_BASE[:, 2] - SEED_PRINTED_ANCHOR_BASE[:, 0]
+    assert [round(r["height"], 2) for r in rows] == [round(float(v), 2) for v in seed_heights]
+    assert [round(r["ratio"], 3) for r in rows] == [0.5] * 3 + [1.0] * 3 + [2.0] * 3
+    with Image.open(out) as picture:
+        assert picture.size == (800, 600)
+    table = runner.invoke(cli.app, ["anchors", "--ratios", "1", "--scales", "2", "--stride", "8"])
+    assert table.exit_code == 0 and "16.0" in table.stdout
+
+
+def test_anchors_of_a_checkpoint_over_an_image(checkpoint, tmp_path):
+    out = tmp_path / "grid.png"
+    result = runner.invoke(cli.app, ["anchors", "-c", str(checkpoint), "--image", str(SAMPLE_FILES[0]), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert sorted({r["stride"] for r in rows}) == [8, 16, 32]
+    with Image.open(out) as picture:
+        assert min(picture.size) == 256  # drawn on the image as the checkpoint resizes it
+
+
+def test_info_prints_description_and_parameters(checkpoint):
+    result = runner.invoke(cli.app, ["info", str(checkpoint), "--json"])
+    assert result.exit_code == 0
+    described = json.loads(result.stdout)
+    assert described["parameters"] == parameter_count(load_checkpoint(checkpoint))
+    assert described["backbone"]["name"] == "mobilenet_v2_fpn"
+    human = runner.invoke(cli.app, ["info", str(checkpoint)])
+    assert "parameters" in human.stdout and "mobilenet_v2_fpn" in human.stdout
+
+
+def test_usage_errors(checkpoint, tmp_path):
+    result = runner.invoke(cli.app, ["propose", str(SAMPLE_FILES[0]), "-c", str(checkpoint), "--format", "png"])
+    assert result.exit_code == 2 and "--out" in result.output
+    result = runner.invoke(cli.app, ["propose", str(SAMPLE_FILES[0]), "-c", str(checkpoint), "--nms-iou", "3"])
+    assert result.exit_code == 2 and "IoU" in result.output
+    result = runner.invoke(cli.app, ["propose", str(tmp_path), "-c", str(checkpoint)])
+    assert result.exit_code == 2 and "no images" in result.output
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(SAMPLE_FILES[0], tmp_path / "a" / "x.jpg")
+    shutil.copy(SAMPLE_FILES[1], tmp_path / "b" / "x.jpg")
+    result = runner.invoke(cli.app, ["propose", str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b" / "x.jpg"),
+                                     "-c", str(checkpoint), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "both write" in result.output
+
+
+def test_version_and_module_entry_point():
+    result = run_rpn("--version", check=True)
+    assert result.stdout.startswith("rpn ")

@@ -1,0 +1,84 @@
+"""The test-mode proposal layer against the seed's ProposalCreator, and the documented fixes."""
+
+import numpy as np
+import pytest
+import torch
+
+from rpn_cli.anchors import grid_anchors, seed_project_anchor_shapes
+from rpn_cli.proposals import ProposalSettings, proposals_for_image
+
+from seed_reference import enumerate_shifted_anchor, generate_anchor_base, seed_proposal_layer
+
+
+def _random_head_output(seed, height, width, anchors=9, spread=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(height * width * anchors, generator=generator)
+    locs = torch.randn(height * width * anchors, 4, generator=generator) * spread
+    return scores, locs
+
+
+@pytest.mark.parametrize("seed,height,width,image", [(0, 38, 50, (600, 800)), (1, 50, 38, (800, 600)), (2, 20, 20, (320, 320))])
+def test_equals_the_seed_on_random_inputs(seed, height, width, image):
+    scores, locs = _random_head_output(seed, height, width)
+    anchors = enumerate_shifted_anchor(generate_anchor_base(), 16, height, width)
+    expected_boxes, expected_scores = seed_proposal_layer(locs.clone(), scores.clone(), anchors, image)
+    boxes, ours = proposals_for_image([scores], [locs], [torch.from_numpy(anchors)], image[0], image[1])
+    assert boxes.shape[0] == expected_boxes.shape[0] > 0
+    torch.testing.assert_close(boxes, expected_boxes, rtol=0, atol=1e-3)
+    torch.testing.assert_close(ours, expected_scores)
+
+
+def test_training_limits_are_the_seeds():
+    settings = ProposalSettings.training()
+    assert (settings.pre_nms_top_n, settings.post_nms_top_n) == (12000, 600)
+    scores, locs = _random_head_output(3, 40, 60)
+    anchors = enumerate_shifted_anchor(generate_anchor_base(), 16, 40, 60)
+    expected, _ = seed_proposal_layer(locs.clone(), scores.clone(), anchors, (640, 960), 12000, 600)
+    boxes, _ = proposals_for_image([scores], [locs], [torch.from_numpy(anchors)], 640, 960, settings)
+    torch.testing.assert_close(boxes, expected, rtol=0, atol=1e-3)
+
+
+def test_non_finite_boxes_are_dropped_and_no_padding():
+    anchors = grid_anchors(seed_project_anchor_shapes(), 16, 2, 2)
+    scores = torch.linspace(0.1, 0.9, anchors.shape[0])
+    locs = torch.zeros(anchors.shape[0], 4)
+    locs[:, 2:] = 300.0  # exp overflows without the clamp
+    locs[0, 0] = float("nan")
+    boxes, kept = proposals_for_image([scores], [locs], [anchors], 64, 64)
+    assert torch.isfinite(boxes).all()
+    assert 0 < boxes.shape[0] < 300
+    assert torch.all(kept[:-1] >= kept[1:])
+
+
+def test_no_box_survives_gives_an_empty_answer():
+    anchors = torch.tensor([[0.0, 0.0, 4.0, 4.0]])
+    boxes, scores = proposals_for_image([torch.tensor([0.9])], [torch.zeros(1, 4)], [anchors], 100, 100)
+    assert boxes.shape == (0, 4) and scores.shape == (0,)
+
+
+def test_limits_min_score_and_determinism():
+    scores, locs = _random_head_output(4, 30, 30)
+    anchors = torch.from_numpy(enumerate_shifted_anchor(generate_anchor_base(), 16, 30, 30))
+    settings = ProposalSettings(pre_nms_top_n=500, post_nms_top_n=50, nms_iou=0.5, min_size=32, min_score=0.5)
+    first = proposals_for_image([scores], [locs], [anchors], 480, 480, settings)
+    second = proposals_for_image([scores], [locs], [anchors], 480, 480, settings)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    boxes, kept = first
+    assert boxes.shape[0] <= 50 and bool((kept >= 0.5).all())
+    assert bool(((boxes[:, 2] - boxes[:, 0]) >= 32).all() and ((boxes[:, 3] - boxes[:, 1]) >= 32).all())
+
+
+def test_float16_inputs_are_decoded_in_float32():
+    scores, locs = _random_head_output(5, 38, 50)
+    anchors = torch.from_numpy(enumerate_shifted_anchor(generate_anchor_base(), 16, 38, 50))
+    boxes, kept = proposals_for_image([scores.half()], [locs.half()], [anchors], 600, 800)
+    assert boxes.dtype == torch.float32 and kept.dtype == torch.float32
+
+
+def test_settings_validation():
+    from rpn_cli.errors import UsageError
+
+    with pytest.raises(UsageError):
+        ProposalSettings(nms_iou=1.5).validated()
+    with pytest.raises(UsageError):
+        ProposalSettings(post_nms_top_n=0).validated()
