@@ -1,0 +1,192 @@
+"""Targets, losses, data loading (COCO and VOC), the teacher, and short training runs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rpn_cli.data import load_coco, load_dataset, load_voc, split_validation
+from rpn_cli.errors import DataError
+from rpn_cli.model import RegionProposalNetwork, default_mobilenet_spec
+from rpn_cli.preprocess import to_tensor
+from rpn_cli.targets import IGNORE, NEGATIVE, POSITIVE, TargetSettings, label_anchors, sample_labels
+from rpn_cli.train import TrainConfig, rpn_losses, train
+
+SETTINGS = TargetSettings()
+
+
+def test_a_box_exactly_on_an_anchor_makes_it_positive():
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 0.0, 64.0, 32.0], [8.0, 0.0, 40.0, 32.0]])
+    labels, matched = label_anchors(anchors, torch.tensor([[0.0, 0.0, 32.0, 32.0]]), 64, 64, SETTINGS)
+    # IoU 1, 0 and 0.6: positive, negative, ignored (between 0.3 and 0.7).
+    assert labels.tolist() == [POSITIVE, NEGATIVE, IGNORE]
+    assert matched[0].tolist() == [0.0, 0.0, 32.0, 32.0]
+
+
+def test_a_box_no_anchor_reaches_07_with_still_gets_its_best_anchor():
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [16.0, 16.0, 48.0, 48.0], [40.0, 40.0, 60.0, 60.0]])
+    box = torch.tensor([[10.0, 10.0, 38.0, 38.0]])
+    labels, matched = label_anchors(anchors, box, 64, 64, SETTINGS)
+    # Anchors 0 and 1 tie at the box's best IoU (< 0.7): both positive.
+    assert labels.tolist() == [POSITIVE, POSITIVE, NEGATIVE]
+    assert matched[1].tolist() == box[0].tolist()
+
+
+def test_border_anchors_are_left_out():
+    anchors = torch.tensor([[-8.0, 0.0, 24.0, 32.0], [0.0, 0.0, 32.0, 32.0], [40.0, 40.0, 72.0, 72.0]])
+    labels, _ = label_anchors(anchors, torch.tensor([[-8.0, 0.0, 24.0, 32.0]]), 64, 64, SETTINGS)
+    assert labels[0] == IGNORE and labels[2] == IGNORE
+    assert labels[1] == POSITIVE  # the box's best anchor among those inside
+
+
+def test_an_image_without_boxes_has_only_negatives():
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [50.0, 50.0, 90.0, 90.0]])
+    labels, _ = label_anchors(anchors, torch.zeros((0, 4)), 64, 64, SETTINGS)
+    assert labels.tolist() == [NEGATIVE, IGNORE]
+
+
+def test_sampling_keeps_256_at_most_half_positive():
+    labels = torch.tensor([POSITIVE] * 300 + [NEGATIVE] * 1000 + [IGNORE] * 50)
+    sampled = sample_labels(labels, SETTINGS, torch.Generator().manual_seed(0))
+    assert int((sampled == POSITIVE).sum()) == 128 and int((sampled == NEGATIVE).sum()) == 128
+    few = torch.tensor([POSITIVE] * 10 + [NEGATIVE] * 1000)
+    sampled = sample_labels(few, SETTINGS, torch.Generator().manual_seed(0))
+    assert int((sampled == POSITIVE).sum()) == 10 and int((sampled == NEGATIVE).sum()) == 246
+
+
+def _synthetic_dataset(folder, count=4, size=(160, 128)):
+    """Coloured rectangles on noise, written as JPEGs with a COCO file and a VOC folder."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    (folder / "voc" / "Annotations").mkdir(parents=True)
+    (folder / "voc" / "JPEGImages").mkdir(parents=True)
+    images, annotations = [], []
+    for index in range(count):
+        array = rng.integers(0, 60, (size[1], size[0], 3)).astype(np.uint8)
+        objects = []
+        for _ in range(2):
+            x, y = rng.integers(0, size[0] - 70), rng.integers(0, size[1] - 70)
+            w, h = rng.integers(40, 70), rng.integers(40, 70)
+            array[y:y + h, x:x + w] = rng.integers(150, 255, 3)
+            objects.append((int(x), int(y), int(w), int(h)))
+        name = f"{index:03d}.jpg"
+        Image.fromarray(array).save(folder / "images" / name, quality=95)
+        Image.fromarray(array).save(folder / "voc" / "JPEGImages" / name, quality=95)
+        images.append({"id": index + 1, "file_name": name, "width": size[0], "height": size[1]})
+        xml = [f"<annotation><filename>{name}</filename><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"]
+        for x, y, w, h in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": 1,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            xml.append(f"<object><name>thing</name><difficult>0</difficult><bndbox><xmin>{x + 1}</xmin>"
+                       f"<ymin>{y + 1}</ymin><xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox></object>")
+        (folder / "voc" / "Annotations" / f"{index:03d}.xml").write_text("".join(xml) + "</annotation>")
+    annotations.append({"id": 99, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 1})
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    (folder / "instances.json").write_text(json.dumps(coco))
+    return folder
+
+
+def test_coco_and_voc_readers_agree(tmp_path):
+    folder = _synthetic_dataset(tmp_path)
+    coco, voc = load_coco(folder / "instances.json"), load_voc(folder / "voc")
+    assert len(coco) == len(voc) == 4
+    for a, b in zip(coco, voc):
+        np.testing.assert_allclose(a.boxes[~a.crowd], b.boxes)
+        assert a.path.name == b.path.name and a.path.is_file() and b.path.is_file()
+    assert coco[0].crowd.tolist() == [False, False, True]
+    assert isinstance(load_dataset(folder / "voc")[0].boxes, np.ndarray)
+    train_part, validation = split_validation(coco, 1, seed=0)
+    assert len(train_part) == 3 and len(validation) == 1
+    with pytest.raises(DataError, match="broken.json"):
+        (folder / "broken.json").write_text("{")
+        load_coco(folder / "broken.json")
+
+
+def _small_spec():
+    return default_mobilenet_spec(fpn_channels=32, mid_channels=32, shorter_side=128, max_size=160)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    folder = _synthetic_dataset(tmp_path)
+    images = load_coco(folder / "instances.json")
+    torch.manual_seed(0)
+    spec = _small_spec()
+    model = RegionProposalNetwork(spec).train()
+    batch = torch.stack([to_tensor(Image.open(image.path).convert("RGB"), spec.preprocess) for image in images])
+    boxes = [torch.from_numpy(image.boxes[~image.crowd]) for image in images]
+    sizes = [(image.width, image.height) for image in images]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def loss_now(seed):
+        losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp,
+                            SETTINGS, torch.Generator().manual_seed(seed))
+        return losses["objectness"] + losses["box"]
+
+    with torch.no_grad():
+        before = float(loss_now(0))
+    for step in range(20):
+        loss = loss_now(step + 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(loss_now(0))
+    assert after < before * 0.8
+
+
+def test_train_writes_a_checkpoint_and_resumes(tmp_path):
+    folder = _synthetic_dataset(tmp_path / "data")
+    work = tmp_path / "work"
+    config = TrainConfig(sources=[str(folder / "instances.json"), str(folder / "voc")], work_dir=str(work), epochs=1,
+                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, command="test")
+    events = []
+    train(config, _small_spec(), torch.device("cpu"), events.append)
+    state = torch.load(work / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    config.epochs = 2
+    report = train(config, _small_spec(), torch.device("cpu"), events.append)
+    assert any(e.kind == "warning" and "resumed" in e.message for e in events)
+    assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
+    from rpn_cli.checkpoint import read_spec
+
+    provenance = read_spec(work / "final.safetensors").provenance
+    assert provenance["command"] == "test" and len(provenance["history"]) == 2
+    assert provenance["validation"] == report and "AR@100" in report
+
+
+def test_teacher_finds_the_objects_of_a_real_photo(coco_dir, teacher_model):
+    pytest.importorskip("onnxruntime")
+    from torchvision.ops import box_iou
+
+    from rpn_cli.images import load_image
+    from rpn_cli.teacher import YoloxTeacher, merge_teacher_boxes
+
+    image = load_coco(coco_dir / "instances.json")[0]
+    boxes, scores = YoloxTeacher(teacher_model).boxes(load_image(image.path), 0.3)
+    assert len(boxes) > 0 and np.all(scores >= 0.3)
+    overlap = box_iou(torch.from_numpy(image.boxes[~image.crowd]), torch.from_numpy(boxes)).max(dim=1).values
+    assert float((overlap >= 0.5).float().mean()) >= 0.5  # it finds most annotated objects
+    merged = merge_teacher_boxes(image.boxes, boxes)
+    assert len(image.boxes) <= len(merged) <= len(image.boxes) + len(boxes)
+    np.testing.assert_array_equal(merged[: len(image.boxes)], image.boxes)
+
+
+def test_training_with_a_teacher_labels_unlabeled_folders(tmp_path, teacher_model, coco_dir):
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for image in load_coco(coco_dir / "instances.json")[:2]:
+        shutil.copy(image.path, unlabeled / image.path.name)
+    folder = _synthetic_dataset(tmp_path / "data")
+    work = tmp_path / "work"
+    config = TrainConfig(sources=[str(folder / "instances.json"), str(unlabeled)], work_dir=str(work), epochs=1,
+                         batch_size=2, validation_count=1, train_sizes=[128], teacher=str(teacher_model))
+    train(config, _small_spec(), torch.device("cpu"))
+    cache = json.loads((work / "teacher_boxes.json").read_text())
+    labelled_by_teacher = [key for key in cache if key.startswith(str(unlabeled))]
+    assert len(labelled_by_teacher) == 2
+    assert all(len(cache[key]) > 0 for key in labelled_by_teacher)
