@@ -48,33 +48,37 @@ def seed_project_anchor_shapes(
 
 
 def grid_anchors(
-    shapes: torch.Tensor, stride: float, height: int, width: int, offset: float = 0.0
+    shapes: torch.Tensor, stride: float | tuple[float, float], height: int, width: int, offset: float = 0.0
 ) -> torch.Tensor:
     """Shift ``shapes`` (A, 4) to every cell of a ``height x width`` map.
 
-    Cell (y, x) is centred at ((x + offset) * stride, (y + offset) * stride).
-    Returns (height * width * A, 4), anchor ``(y * width + x) * A + a``, the order
-    of a head's output after ``permute(0, 2, 3, 1).reshape(n, -1, 4)``.
+    ``stride`` is one number or (stride_y, stride_x). Cell (y, x) is centred at
+    ((x + offset) * stride_x, (y + offset) * stride_y). Returns (height * width * A, 4),
+    anchor ``(y * width + x) * A + a``, the order of a head's output after
+    ``permute(0, 2, 3, 1).reshape(n, -1, 4)``.
     """
-    xs = (torch.arange(width, dtype=torch.float32) + offset) * stride
-    ys = (torch.arange(height, dtype=torch.float32) + offset) * stride
+    stride_y, stride_x = stride if isinstance(stride, tuple) else (stride, stride)
+    xs = (torch.arange(width, dtype=torch.float32) + offset) * stride_x
+    ys = (torch.arange(height, dtype=torch.float32) + offset) * stride_y
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")
     shifts = torch.stack((cx, cy, cx, cy), dim=-1).reshape(-1, 1, 4)
     return (shifts + shapes.to(torch.float32).reshape(1, -1, 4)).reshape(-1, 4)
 
 
 @lru_cache(maxsize=64)
-def _cached_grid(shapes_key: tuple, stride: float, height: int, width: int, offset: float, device: str) -> torch.Tensor:
+def _cached_grid(shapes_key: tuple, stride: tuple, height: int, width: int, offset: float, device: str) -> torch.Tensor:
     shapes = torch.tensor(shapes_key, dtype=torch.float32)
     return grid_anchors(shapes, stride, height, width, offset).to(device)
 
 
 def cached_grid_anchors(
-    shapes: torch.Tensor, stride: float, height: int, width: int, offset: float, device: torch.device
+    shapes: torch.Tensor, stride: float | tuple[float, float], height: int, width: int, offset: float,
+    device: torch.device,
 ) -> torch.Tensor:
-    """:func:`grid_anchors`, computed once per (shapes, map size, device) (notes, pitfall 4)."""
+    """:func:`grid_anchors`, computed once per (shapes, stride, map size, device) (notes, pitfall 4)."""
     key = tuple(tuple(float(v) for v in row) for row in shapes.tolist())
-    return _cached_grid(key, float(stride), int(height), int(width), float(offset), str(device))
+    strides = tuple(float(v) for v in stride) if isinstance(stride, tuple) else (float(stride), float(stride))
+    return _cached_grid(key, strides, int(height), int(width), float(offset), str(device))
 
 
 def describe_anchor_shapes(shapes: torch.Tensor) -> list[dict]:

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .backbones import TORCHVISION_ARCHS, torchvision_detector
 from .model import ModelSpec, RegionProposalNetwork, seed_project_spec
 
 METADATA_KEY = "rpn_cli.model"
@@ -135,6 +136,72 @@ def convert_seed_project(source: str | Path, destination: str | Path) -> ModelSp
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in tensors:
             tensors[key] = value
+    load_state_strict(model, tensors, str(source))
+    save_checkpoint(model, destination, spec)
+    return spec
+
+
+def torchvision_spec(arch: str) -> ModelSpec:
+    """Our description of a torchvision Faster R-CNN's RPN, read off the model torchvision builds."""
+    detector = torchvision_detector(arch)
+    rpn, transform = detector.rpn, detector.transform
+    generator = rpn.anchor_generator
+    strides = TORCHVISION_ARCHS[arch]
+    levels = [
+        {"stride": stride, "sizes": list(sizes), "ratios": list(ratios), "anchors": cells.tolist()}
+        for stride, sizes, ratios, cells in zip(strides, generator.sizes, generator.aspect_ratios, generator.cell_anchors)
+    ]
+    return ModelSpec(
+        backbone={"name": "torchvision-fpn", "arch": arch},
+        levels=levels,
+        head={"mid_channels": detector.backbone.out_channels, "conv_depth": len(rpn.head.conv)},
+        score="sigmoid",
+        anchor_stride="image_over_grid",
+        box_weights=list(rpn.box_coder.weights),
+        delta_clamp=float(rpn.box_coder.bbox_xform_clip),
+        preprocess={
+            "resize": "torchvision",
+            "size": int(transform.min_size[-1]),
+            "max_size": int(transform.max_size),
+            "interpolation": "bilinear",
+            "size_divisible": int(transform.size_divisible),
+            "channel_order": "RGB",
+            "scale": 1.0 / 255.0,
+            "mean": list(transform.image_mean),
+            "std": list(transform.image_std),
+        },
+        proposals={
+            "pre_nms_top_n": int(rpn._pre_nms_top_n["testing"]),
+            "post_nms_top_n": int(rpn._post_nms_top_n["testing"]),
+            "nms_iou": float(rpn.nms_thresh),
+            "min_size": float(rpn.min_size),
+            "min_score": float(rpn.score_thresh),
+            "nms_per_level": True,
+            "top_n_before_filtering": True,
+        },
+    )
+
+
+def convert_torchvision(source: str | Path, destination: str | Path, arch: str) -> ModelSpec:
+    """Import a torchvision Faster R-CNN state dict (backbone, FPN and RPN; the ROI heads are ignored)."""
+    source = Path(source)
+    state = read_torch_state_dict(source)
+    spec = torchvision_spec(arch)
+    tensors = {}
+    for key, tensor in state.items():
+        if key.startswith(("backbone.body.", "backbone.fpn.")):
+            tensors[key] = tensor
+        elif key.startswith("rpn.head.conv."):
+            # torchvision: rpn.head.conv.<i>.0.<weight|bias> (Conv2dNormActivation); ours: conv1, more_convs.<i-1>
+            index, rest = key[len("rpn.head.conv."):].split(".", 1)
+            name = "conv1" if index == "0" else f"more_convs.{int(index) - 1}"
+            tensors[f"head.{name}.{rest.split('.', 1)[1]}"] = tensor
+        elif key.startswith("rpn.head.cls_logits."):
+            tensors["head.score." + key.rsplit(".", 1)[1]] = tensor
+        elif key.startswith("rpn.head.bbox_pred."):
+            tensors["head.loc." + key.rsplit(".", 1)[1]] = tensor
+    spec.provenance = {"converted_from": str(source), "source_format": "torchvision", "arch": arch}
+    model = RegionProposalNetwork(spec)
     load_state_strict(model, tensors, str(source))
     save_checkpoint(model, destination, spec)
     return spec

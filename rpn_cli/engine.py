@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .errors import ImageError
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .inputs import InputImage
 from .model import RegionProposalNetwork
-from .predict import ImageProposals, proposals_for_batch
+from .predict import ImageProposals, proposals_from_outputs, run_model
 from .preprocess import PreparedImage, prepare_image
 from .proposals import ProposalSettings
 
@@ -32,10 +32,10 @@ class Timings:
 
     decode: float = 0.0
     model: float = 0.0
+    proposal_layer: float = 0.0
     images: int = 0
     failed: int = 0
     proposals: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _prepare(item: InputImage, preprocess: dict, max_pixels: int | None) -> tuple[PreparedImage | None, str | None, float]:
@@ -110,9 +110,13 @@ def propose_images(
 def _run_batch(batch, model, settings, top_k, timings: Timings) -> Iterator[ImageResult]:
     if not batch:
         return
+    prepared = [image for _, image in batch]
     started = time.perf_counter()
-    results = proposals_for_batch(model, [prepared for _, prepared in batch], settings, top_k)
+    levels = run_model(model, prepared)
     timings.model += time.perf_counter() - started
+    started = time.perf_counter()
+    results = proposals_from_outputs(model, levels, prepared, settings, top_k)
+    timings.proposal_layer += time.perf_counter() - started
     for (item, _), proposals in zip(batch, results):
         timings.images += 1
         timings.proposals += int(proposals.scores.numel())

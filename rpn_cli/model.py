@@ -32,6 +32,9 @@ class ModelSpec:
     ``{"stride": int, "anchors": [[x1, y1, x2, y2], ...]}`` in the order of the
     head's channels. ``score``: ``sigmoid`` (one logit per anchor) or
     ``softmax2`` (the seed's interleaved background/foreground pairs).
+    ``anchor_stride``: ``nominal`` (each level's stride) or ``image_over_grid``
+    (padded image size // feature map size per axis, as torchvision computes it).
+    ``head``: ``mid_channels`` and optionally ``conv_depth`` (3x3 convs, default 1).
     """
 
     backbone: dict
@@ -40,6 +43,7 @@ class ModelSpec:
     preprocess: dict
     score: str = "sigmoid"
     anchor_offset: float = 0.0
+    anchor_stride: str = "nominal"
     box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     delta_clamp: float = DEFAULT_DELTA_CLAMP
     proposals: dict = field(default_factory=lambda: ProposalSettings().to_dict())
@@ -81,17 +85,18 @@ def level_anchor_shapes(stride: int, ratios, scales) -> list[list[float]]:
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then 1x1 objectness and 1x1 box deltas, shared across levels.
+    """3x3 conv + ReLU (``conv_depth`` of them), then 1x1 objectness and 1x1 box deltas, shared across levels.
 
     ``score_channels`` is 1 for sigmoid scores, 2 for the seed's softmax pairs.
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, anchors: int, score_channels: int):
+    def __init__(self, in_channels: int, mid_channels: int, anchors: int, score_channels: int, conv_depth: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, 1, 1)
+        self.more_convs = nn.ModuleList(nn.Conv2d(mid_channels, mid_channels, 3, 1, 1) for _ in range(conv_depth - 1))
         self.score = nn.Conv2d(mid_channels, anchors * score_channels, 1, 1, 0)
         self.loc = nn.Conv2d(mid_channels, anchors * 4, 1, 1, 0)
-        for layer in (self.conv1, self.score, self.loc):
+        for layer in (self.conv1, *self.more_convs, self.score, self.loc):
             nn.init.normal_(layer.weight, 0.0, 0.01)
             nn.init.zeros_(layer.bias)
 
@@ -99,6 +104,8 @@ class RPNHead(nn.Module):
         outputs = []
         for feature in features:
             hidden = torch.relu(self.conv1(feature))
+            for conv in self.more_convs:
+                hidden = torch.relu(conv(hidden))
             outputs.append((self.score(hidden), self.loc(hidden)))
         return outputs
 
@@ -132,7 +139,8 @@ class RegionProposalNetwork(nn.Module):
             )
         score_channels = 1 if spec.score == "sigmoid" else 2
         in_channels = self.backbone.out_channels[0]
-        self.head = RPNHead(in_channels, int(spec.head["mid_channels"]), spec.anchors_per_location, score_channels)
+        self.head = RPNHead(in_channels, int(spec.head["mid_channels"]), spec.anchors_per_location, score_channels,
+                            int(spec.head.get("conv_depth", 1)))
         self._shapes = [torch.tensor(level["anchors"], dtype=torch.float32) for level in spec.levels]
 
     def forward(self, images: torch.Tensor) -> list[LevelOutput]:
@@ -147,7 +155,11 @@ class RegionProposalNetwork(nn.Module):
             else:
                 logits = score.permute(0, 2, 3, 1).reshape(n, -1, 2)
             deltas = loc.permute(0, 2, 3, 1).reshape(n, -1, 4)
-            anchors = cached_grid_anchors(shapes, level["stride"], height, width, self.spec.anchor_offset, score.device)
+            if self.spec.anchor_stride == "image_over_grid":
+                stride = (images.shape[2] // height, images.shape[3] // width)
+            else:
+                stride = level["stride"]
+            anchors = cached_grid_anchors(shapes, stride, height, width, self.spec.anchor_offset, score.device)
             if anchors.shape[0] != height * width * a:
                 raise CheckpointError("anchor grid does not match the head's output")
             outputs.append(LevelOutput(logits, deltas, anchors, height, width))

@@ -22,6 +22,7 @@ class ProposalSettings:
     min_size: float = 16.0
     min_score: float = 0.0
     nms_per_level: bool = False
+    top_n_before_filtering: bool = False
 
     @classmethod
     def training(cls, **overrides) -> "ProposalSettings":
@@ -51,26 +52,48 @@ def proposals_for_image(
     settings: ProposalSettings = ProposalSettings(),
     box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     delta_clamp: float = DEFAULT_DELTA_CLAMP,
+    scores_are_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proposals of one image from its per-level outputs.
 
-    scores[l]: (M_l,) objectness probabilities; deltas[l]: (M_l, 4); anchors[l]: (M_l, 4),
-    all in the resized image's pixels, whose size is ``image_height x image_width``.
+    scores[l]: (M_l,) objectness probabilities, or sigmoid logits when
+    ``scores_are_logits`` (ranked as logits, which keeps apart what float32
+    probabilities would tie, as torchvision does; returned as probabilities);
+    deltas[l]: (M_l, 4); anchors[l]: (M_l, 4), all in the resized image's
+    pixels, whose size is ``image_height x image_width``.
 
     Per level: decode (float32, dw/dh clamped), clip to the image, drop
     non-finite boxes and boxes under ``min_size``, keep the top
-    ``pre_nms_top_n`` by score. Then one NMS (across levels, or per level when
-    ``nms_per_level``) and the top ``post_nms_top_n``. Returns boxes (K, 4) and
-    scores (K,), float32, sorted by score high to low; K may be 0.
+    ``pre_nms_top_n`` by score (the seed's order; with ``top_n_before_filtering``
+    the top ``pre_nms_top_n`` are taken first, as torchvision does). Then one NMS
+    (across levels, or per level when ``nms_per_level``) and the top
+    ``post_nms_top_n``. Returns boxes (K, 4) and scores (K,), float32, sorted by
+    score high to low; K may be 0.
     """
+    if settings.top_n_before_filtering:
+        boxes, score, level_ids = _top_n_then_filter(scores, deltas, anchors, image_height, image_width, settings,
+                                                     box_weights, delta_clamp, scores_are_logits)
+    else:
+        boxes, score, level_ids = _filter_then_top_n(scores, deltas, anchors, image_height, image_width, settings,
+                                                     box_weights, delta_clamp, scores_are_logits)
+    if boxes.shape[0] == 0:
+        return boxes.reshape(0, 4), score
+    if settings.nms_per_level:
+        keep = batched_nms(boxes, score, level_ids, settings.nms_iou)
+    else:
+        keep = nms(boxes, score, settings.nms_iou)
+    keep = keep[: settings.post_nms_top_n]
+    return boxes[keep], score[keep]
+
+
+def _filter_then_top_n(scores, deltas, anchors, image_height, image_width, settings, box_weights, delta_clamp,
+                       scores_are_logits):
+    """The seed's order, per level: decode, clip, drop small and non-finite boxes, then the top n."""
     level_boxes, level_scores, level_ids = [], [], []
     for level, (level_score, level_delta, level_anchor) in enumerate(zip(scores, deltas, anchors)):
         level_score = level_score.to(torch.float32)
-        boxes = decode_deltas(level_anchor, level_delta, box_weights, delta_clamp)
-        boxes = clip_boxes(boxes, image_height, image_width)
+        boxes = clip_boxes(decode_deltas(level_anchor, level_delta, box_weights, delta_clamp), image_height, image_width)
         keep = valid_box_mask(boxes, settings.min_size) & torch.isfinite(level_score)
-        if settings.min_score > 0:
-            keep &= level_score >= settings.min_score
         boxes, level_score = boxes[keep], level_score[keep]
         if level_score.numel() > settings.pre_nms_top_n:
             level_score, order = torch.topk(level_score, settings.pre_nms_top_n, sorted=True)
@@ -78,13 +101,30 @@ def proposals_for_image(
         level_boxes.append(boxes)
         level_scores.append(level_score)
         level_ids.append(torch.full((boxes.shape[0],), level, dtype=torch.int64, device=boxes.device))
-    boxes = torch.cat(level_boxes)
     score = torch.cat(level_scores)
-    if boxes.shape[0] == 0:
-        return boxes.reshape(0, 4), score
-    if settings.nms_per_level:
-        keep = batched_nms(boxes, score, torch.cat(level_ids), settings.nms_iou)
-    else:
-        keep = nms(boxes, score, settings.nms_iou)
-    keep = keep[: settings.post_nms_top_n]
-    return boxes[keep], score[keep]
+    probability = torch.sigmoid(score) if scores_are_logits else score
+    boxes, level_ids = torch.cat(level_boxes), torch.cat(level_ids)
+    keep = probability >= settings.min_score
+    return boxes[keep], probability[keep], level_ids[keep]
+
+
+def _top_n_then_filter(scores, deltas, anchors, image_height, image_width, settings, box_weights, delta_clamp,
+                       scores_are_logits):
+    """torchvision's order: the top n of each level first, then one pass of decode, clip and filters."""
+    chosen_scores, chosen_deltas, chosen_anchors, chosen_ids = [], [], [], []
+    for level, (level_score, level_delta, level_anchor) in enumerate(zip(scores, deltas, anchors)):
+        level_score = level_score.to(torch.float32)
+        count = min(settings.pre_nms_top_n, level_score.numel())
+        # topk over a (1, M) row as torchvision takes it, so equal logits come out in the same order.
+        level_score, order = (row[0] for row in level_score[None].topk(count, dim=1))
+        chosen_scores.append(level_score)
+        chosen_deltas.append(level_delta[order])
+        chosen_anchors.append(level_anchor[order])
+        chosen_ids.append(torch.full((count,), level, dtype=torch.int64, device=level_score.device))
+    score = torch.cat(chosen_scores)
+    # One sigmoid over all levels, as torchvision computes it: same numbers to the last bit, same ties in NMS.
+    probability = torch.sigmoid(score) if scores_are_logits else score
+    boxes = decode_deltas(torch.cat(chosen_anchors), torch.cat(chosen_deltas), box_weights, delta_clamp)
+    boxes = clip_boxes(boxes, image_height, image_width)
+    keep = valid_box_mask(boxes, settings.min_size) & torch.isfinite(probability) & (probability >= settings.min_score)
+    return boxes[keep], probability[keep], torch.cat(chosen_ids)[keep]

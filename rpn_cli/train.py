@@ -47,6 +47,9 @@ class TrainConfig:
     init_checkpoint: str | None = None
     teacher: str | None = None
     teacher_threshold: float = 0.3
+    # None: every anchor takes part (torchvision's rule); a number: anchors crossing the border by more
+    # than that many pixels are left out (the paper's rule is 0). See README, "Training".
+    allowed_border: float | None = None
     command: str = ""
 
     def to_dict(self) -> dict:
@@ -226,7 +229,8 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         start_epoch, history = int(state["epoch"]), json.loads(state["history"])
         report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {start_epoch}"))
 
-    target_settings = TargetSettings()
+    target_settings = TargetSettings(
+        allowed_border=float("inf") if config.allowed_border is None else config.allowed_border)
     last_report: dict = history[-1]["validation"] if history else {}
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -256,7 +260,9 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
             batch = torch.zeros((len(tensors), 3, max(s[1] for s in sizes), max(s[0] for s in sizes)))
             for i, tensor in enumerate(tensors):
                 batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
-            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+            batch = batch.to(device)
+            if model.backbone.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
             losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp,
                                 target_settings, generator)
             loss = losses["objectness"] + losses["box"]

@@ -7,6 +7,8 @@ must agree with these apart from its documented fixes.
 
 import numpy as np
 import torch
+from torch import nn
+from torchvision import models
 from torchvision.ops import nms
 
 SEED_PRINTED_ANCHOR_BASE = np.array([
@@ -98,3 +100,25 @@ def seed_scores_and_locs(score_map, loc_map):
     rpn_scores = score_map.permute(0, 2, 3, 1).contiguous().view(n, -1, 2)
     fg = torch.softmax(rpn_scores, dim=-1)[:, :, 1].contiguous().view(n, -1)
     return fg, rpn_locs
+
+
+def seed_extractor() -> nn.Sequential:
+    """The seed project's ResNet-50 C4, built from its description in the notes (random weights)."""
+    resnet = models.resnet50(weights=None)
+    for layer in (resnet.layer2, resnet.layer3):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    resnet.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
+    return nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2, resnet.layer3)
+
+
+class SeedHead(nn.Module):
+    """The seed's RPN head: conv1, score (2A), loc (4A), N(0, 0.01) init."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1024, 512, 3, 1, 1)
+        self.score = nn.Conv2d(512, 18, 1, 1, 0)
+        self.loc = nn.Conv2d(512, 36, 1, 1, 0)
+        for layer in (self.conv1, self.score, self.loc):
+            nn.init.normal_(layer.weight, 0, 0.01)
+            nn.init.zeros_(layer.bias)

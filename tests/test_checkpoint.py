@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import models
 
 from rpn_cli.backbones import SingleLevelBackbone, register_backbone
 from rpn_cli.checkpoint import convert_seed_project, load_checkpoint, read_spec, save_checkpoint
@@ -17,7 +16,8 @@ from rpn_cli.predict import proposals_for_batch
 from rpn_cli.preprocess import prepare_image, resized_size
 
 from conftest import SAMPLES
-from seed_reference import enumerate_shifted_anchor, generate_anchor_base, seed_proposal_layer, seed_scores_and_locs
+from seed_reference import (SeedHead, enumerate_shifted_anchor, generate_anchor_base, seed_extractor, seed_proposal_layer,
+                            seed_scores_and_locs)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -47,29 +47,9 @@ def test_truncated_wrong_and_missing_files_are_one_line_errors(tmp_path):
         assert str(bad) in message and "\n" not in message
 
 
-def _seed_extractor() -> nn.Sequential:
-    """The seed project's ResNet-50 C4 built here from its description in the notes."""
-    resnet = models.resnet50(weights=None)
-    for layer in (resnet.layer2, resnet.layer3):
-        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
-    resnet.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
-    return nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2, resnet.layer3)
-
-
-class _SeedHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1024, 512, 3, 1, 1)
-        self.score = nn.Conv2d(512, 18, 1, 1, 0)
-        self.loc = nn.Conv2d(512, 36, 1, 1, 0)
-        for layer in (self.conv1, self.score, self.loc):
-            nn.init.normal_(layer.weight, 0, 0.01)
-            nn.init.zeros_(layer.bias)
-
-
 def test_seed_project_import_matches_the_seed_algorithm(tmp_path):
     torch.manual_seed(0)
-    extractor, rpn = _seed_extractor().eval(), _SeedHead().eval()
+    extractor, rpn = seed_extractor().eval(), SeedHead().eval()
     # Non-trivial BatchNorm statistics, so a key mapped to the wrong layer shows.
     for module in extractor.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -105,8 +85,8 @@ def test_seed_project_import_matches_the_seed_algorithm(tmp_path):
 
 
 def test_seed_import_names_a_mis_shaped_key(tmp_path):
-    state = {f"extractor.{k}": v for k, v in _seed_extractor().state_dict().items()}
-    state.update({f"rpn.{k}": v for k, v in _SeedHead().state_dict().items()})
+    state = {f"extractor.{k}": v for k, v in seed_extractor().state_dict().items()}
+    state.update({f"rpn.{k}": v for k, v in SeedHead().state_dict().items()})
     state["rpn.loc.weight"] = torch.zeros(8, 512, 1, 1)
     source = tmp_path / "bad.pth"
     torch.save(state, source)

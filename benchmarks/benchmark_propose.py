@@ -1,0 +1,264 @@
+"""Side-by-side timing of `rpn propose`, Selective Search and the seed's own RPN code, in one run.
+
+    python benchmarks/benchmark_propose.py [--images DIR] [--count 50] [--checkpoint CKPT]
+
+Each part runs in its own process (so each has its own peak memory) on the same images:
+  ours-cli   `rpn propose DIR --out TMP --format json` end to end, as a user runs it (process start included)
+  ours-split the same pipeline in-process, timed per stage (decode+resize, model, proposal layer, writing)
+  selective  OpenCV's Selective Search, fast mode (needs the bench extra: opencv-contrib-python-headless)
+  seed       the seed document's RPN code (tests/seed_reference.py), one image at a time, float32,
+             ResNet-50 C4 with random weights in the seed project's layout
+  ours-c4    our `resnet50-c4` on a checkpoint converted from that same state dict
+Prints a Markdown report (and --json FILE writes the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "coco-train2017" / "images"
+
+
+def _images(folder: Path, count: int) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
+    if not files:
+        sys.exit(f"{folder}: no images")
+    return files
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def part_ours_split(files, checkpoint, out_dir, **_):
+    import torch
+
+    from rpn_cli.checkpoint import load_checkpoint
+    from rpn_cli.engine import Timings, propose_images
+    from rpn_cli.inputs import expand_inputs
+    from rpn_cli.outputs import write_image_outputs
+
+    model = load_checkpoint(checkpoint, "cpu")
+    settings = model.spec.proposal_settings()
+    items = expand_inputs([str(f) for f in files])
+    list(propose_images(items[:2], model, settings, workers=0))  # warm-up: first-call allocations
+    timings, writing = Timings(), 0.0
+    started = time.perf_counter()
+    for result in propose_images(items, model, settings, workers=0, timings=timings):
+        begun = time.perf_counter()
+        write_image_outputs(Path(out_dir), result, ["json"], 0)
+        writing += time.perf_counter() - begun
+    total = time.perf_counter() - started
+    return {"seconds": total, "images": len(files), "decode": timings.decode, "model": timings.model,
+            "proposal_layer": timings.proposal_layer, "writing": writing, "threads": torch.get_num_threads()}
+
+
+def part_ours_cli(files, checkpoint, out_dir, **_):
+    listing = "\n".join(str(f) for f in files) + "\n"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "rpn_cli", "propose", "-", "--checkpoint", str(checkpoint), "--out",
+                    str(out_dir), "--format", "json", "--quiet"], input=listing, text=True, check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - started
+    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": seconds, "images": len(files), "peak_mib": child_peak}
+
+
+def part_selective(files, **_):
+    import cv2
+
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    counts = []
+    started = time.perf_counter()
+    for path in files:
+        image = cv2.imread(str(path))
+        search.setBaseImage(image)
+        search.switchToSelectiveSearchFast()
+        counts.append(len(search.process()))
+    return {"seconds": time.perf_counter() - started, "images": len(files), "mean_boxes": sum(counts) / len(counts)}
+
+
+def _seed_state_dict(path: Path) -> None:
+    """A seed-project state dict: ResNet-50 C4 (random, seed 0) and the seed's head with its N(0, 0.01) init."""
+    import torch
+
+    from rpn_cli.model import RegionProposalNetwork, seed_project_spec
+
+    torch.manual_seed(0)
+    model = RegionProposalNetwork(seed_project_spec())
+    state = {"extractor." + k[len("backbone.body."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    state.update({"rpn." + k[len("head."):]: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    torch.save(state, path)
+
+
+def part_seed(files, seed_state, **_):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from seed_reference import (SeedHead, enumerate_shifted_anchor, generate_anchor_base, seed_extractor,
+                                seed_proposal_layer, seed_scores_and_locs)
+
+    state = torch.load(seed_state, weights_only=True)
+    extractor, rpn = seed_extractor().eval(), SeedHead().eval()
+    extractor.load_state_dict({k[len("extractor."):]: v for k, v in state.items() if k.startswith("extractor.")})
+    rpn.load_state_dict({k[len("rpn."):]: v for k, v in state.items() if k.startswith("rpn.")})
+    results = {}
+    started = time.perf_counter()
+    for path in files:
+        image = Image.open(path).convert("RGB")
+        short, long = min(image.size), max(image.size)
+        size = (int(600 * long / short), 600) if image.width >= image.height else (600, int(600 * long / short))
+        resized = image.resize(size, Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            features = extractor(x)
+            hidden = torch.relu(rpn.conv1(features))
+            fg, locs = seed_scores_and_locs(rpn.score(hidden), rpn.loc(hidden))
+            anchors = enumerate_shifted_anchor(generate_anchor_base(), 16, features.shape[2], features.shape[3])
+            rois, _ = seed_proposal_layer(locs[0], fg[0], anchors, (size[1], size[0]))
+        scale = torch.tensor([size[0] / image.width, size[1] / image.height] * 2)
+        results[str(path)] = (rois / scale).tolist()
+    return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results}
+
+
+def part_ours_c4(files, c4_checkpoint, out_dir, **_):
+    from rpn_cli.checkpoint import load_checkpoint
+    from rpn_cli.engine import propose_images
+    from rpn_cli.inputs import expand_inputs
+
+    model = load_checkpoint(c4_checkpoint, "cpu")
+    settings = model.spec.proposal_settings()
+    items = expand_inputs([str(f) for f in files])
+    started = time.perf_counter()
+    results = {r.item.given: r.proposals.boxes.tolist() for r in propose_images(items, model, settings, workers=1)}
+    return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results}
+
+
+PARTS = {"ours-split": part_ours_split, "ours-cli": part_ours_cli, "selective": part_selective,
+         "seed": part_seed, "ours-c4": part_ours_c4}
+
+
+def _run_part(name: str, arguments: dict) -> dict:
+    """Run one part in a fresh process and return its figures plus that process's peak memory."""
+    result = subprocess.run([sys.executable, __file__, "--part", name, "--part-args", json.dumps(arguments)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if result.returncode != 0:
+        raise RuntimeError(f"part {name} failed:\n{result.stderr}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _matched_share(seed_boxes: dict, our_boxes: dict) -> float:
+    import torch
+    from torchvision.ops import box_iou
+
+    matched = total = 0
+    for image, boxes in seed_boxes.items():
+        seed = torch.tensor(boxes).reshape(-1, 4)
+        ours = torch.tensor(our_boxes.get(image, [])).reshape(-1, 4)
+        total += seed.shape[0]
+        if seed.shape[0] and ours.shape[0]:
+            matched += int((box_iou(seed, ours).max(dim=1).values >= 0.95).sum())
+    return matched / max(total, 1)
+
+
+def _machine() -> str:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return (f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--count", type=int, default=50)
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors")
+    parser.add_argument("--skip", default="", help="Comma-separated parts to leave out.")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--part-args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.part:
+        arguments = json.loads(args.part_args)
+        arguments["files"] = [Path(f) for f in arguments["files"]]
+        figures = PARTS[args.part](**arguments)
+        figures.setdefault("peak_mib", _peak_mib())
+        print(json.dumps(figures))
+        return
+
+    files = _images(args.images, args.count)
+    skip = set(filter(None, args.skip.split(",")))
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        common = {"files": [str(f) for f in files], "checkpoint": str(args.checkpoint)}
+        for name in ("ours-cli", "ours-split", "selective"):
+            if name not in skip:
+                out_dir = scratch / name
+                out_dir.mkdir()
+                print(f"running {name} on {len(files)} images...", file=sys.stderr)
+                figures[name] = _run_part(name, {**common, "out_dir": str(out_dir)})
+        if "seed" not in skip:
+            from rpn_cli.checkpoint import convert_seed_project
+
+            seed_state, c4 = scratch / "seed.pth", scratch / "seed.safetensors"
+            _seed_state_dict(seed_state)
+            convert_seed_project(seed_state, c4)
+            print("running the seed's code and our resnet50-c4...", file=sys.stderr)
+            figures["seed"] = _run_part("seed", {**common, "seed_state": str(seed_state)})
+            figures["ours-c4"] = _run_part("ours-c4", {**common, "c4_checkpoint": str(c4), "out_dir": str(scratch)})
+            figures["c4_matched_share"] = _matched_share(figures["seed"].pop("boxes"), figures["ours-c4"].pop("boxes"))
+    report(figures, files, args.images)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": _machine(), **figures}, indent=2))
+
+
+def report(figures: dict, files: list, folder: Path) -> None:
+    def per_image(name):
+        return figures[name]["seconds"] / figures[name]["images"]
+
+    print(f"Machine: {_machine()}")
+    print(f"Images: {len(files)} from {folder}\n")
+    print("| what | s / image | images / s | peak MiB |")
+    print("|---|---|---|---|")
+    for name, label in (("ours-cli", "rpn propose (default checkpoint), end to end incl. start-up"),
+                        ("ours-split", "rpn propose pipeline, in-process"),
+                        ("selective", "Selective Search (OpenCV, fast)"),
+                        ("seed", "seed's RPN code, ResNet-50 C4"),
+                        ("ours-c4", "our resnet50-c4, same weights")):
+        if name in figures:
+            print(f"| {label} | {per_image(name):.3f} | {1 / per_image(name):.2f} | {figures[name]['peak_mib']:.0f} |")
+    print()
+    if "selective" in figures and "ours-cli" in figures:
+        print(f"- Selective Search / rpn propose end to end: {per_image('selective') / per_image('ours-cli'):.1f}x")
+    if "selective" in figures and "ours-split" in figures:
+        print(f"- Selective Search / rpn propose in-process: {per_image('selective') / per_image('ours-split'):.1f}x")
+    if "seed" in figures:
+        print(f"- seed code / our resnet50-c4: {per_image('seed') / per_image('ours-c4'):.2f}x; "
+              f"seed boxes matched by ours at IoU >= 0.95: {figures['c4_matched_share']:.1%}")
+    if "ours-split" in figures:
+        split = figures["ours-split"]
+        parts = {k: split[k] for k in ("decode", "model", "proposal_layer", "writing")}
+        total = sum(parts.values())
+        print("- our time per image: " + ", ".join(f"{k} {1000 * v / split['images']:.1f} ms ({v / total:.0%})"
+                                                  for k, v in parts.items()))
+
+
+if __name__ == "__main__":
+    main()

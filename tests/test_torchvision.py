@@ -1,0 +1,86 @@
+"""torchvision Faster R-CNN checkpoints: our proposals equal ``model.rpn``'s in test mode."""
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import detection
+from torchvision.transforms.functional import to_tensor
+from typer.testing import CliRunner
+
+from rpn_cli import cli
+from rpn_cli.backbones import TORCHVISION_ARCHS
+from rpn_cli.checkpoint import convert_torchvision, load_checkpoint
+from rpn_cli.errors import CheckpointError
+from rpn_cli.predict import proposals_for_batch
+from rpn_cli.preprocess import prepare_image
+
+from conftest import SAMPLES
+
+# A square photo and a landscape one; the second is also turned to portrait.
+IMAGES = ["astronaut.jpg", "rocket.jpg"]
+
+
+def _torchvision_proposals(detector, image: Image.Image) -> torch.Tensor:
+    """model.rpn's test-mode proposals, mapped from torchvision's resized image back to the original's pixels."""
+    with torch.no_grad():
+        images, _ = detector.transform([to_tensor(image)])
+        features = detector.backbone(images.tensors)
+        boxes = detector.rpn(images, features)[0][0]
+    resized_h, resized_w = images.image_sizes[0]
+    scale = torch.tensor([resized_w / image.width, resized_h / image.height] * 2)
+    return boxes / scale
+
+
+@pytest.fixture(scope="module", params=sorted(TORCHVISION_ARCHS))
+def converted(request, tmp_path_factory):
+    arch = request.param
+    torch.manual_seed(0)
+    detector = getattr(detection, arch)(weights=None, weights_backbone=None).eval()
+    folder = tmp_path_factory.mktemp(arch)
+    torch.save(detector.state_dict(), folder / "detector.pth")
+    convert_torchvision(folder / "detector.pth", folder / "rpn.safetensors", arch)
+    return arch, detector, folder
+
+
+def test_proposals_equal_torchvision(converted):
+    arch, detector, folder = converted
+    model = load_checkpoint(folder / "rpn.safetensors")
+    photos = [Image.open(SAMPLES / name).convert("RGB") for name in IMAGES]
+    photos.append(photos[1].transpose(Image.Transpose.ROTATE_90))
+    for photo in photos:
+        expected = _torchvision_proposals(detector, photo)
+        ours = proposals_for_batch(model, [prepare_image(photo, model.spec.preprocess)], model.spec.proposal_settings())[0]
+        assert ours.boxes.shape == expected.shape and expected.shape[0] > 0, arch
+        torch.testing.assert_close(ours.boxes, expected, rtol=0, atol=1e-3)
+
+
+def test_propose_and_anchors_work_on_a_converted_checkpoint(converted, tmp_path):
+    arch, _, folder = converted
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["propose", str(SAMPLES / "coffee.jpg"), "-c", str(folder / "rpn.safetensors"),
+                                     "--out", str(tmp_path), "--format", "json,png", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "coffee.json").exists() and (tmp_path / "coffee.png").exists()
+    picture = tmp_path / "anchors.png"
+    result = runner.invoke(cli.app, ["anchors", "-c", str(folder / "rpn.safetensors"), "--out", str(picture)])
+    assert result.exit_code == 0 and picture.exists()
+    assert result.stdout.count("\n") > 5
+
+
+def test_missing_or_mis_shaped_keys_are_named(tmp_path):
+    torch.manual_seed(0)
+    state = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).state_dict()
+    broken = dict(state)
+    del broken["rpn.head.bbox_pred.weight"]
+    torch.save(broken, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="missing key head.loc.weight"):
+        convert_torchvision(tmp_path / "missing.pth", tmp_path / "out.safetensors", "fasterrcnn_mobilenet_v3_large_320_fpn")
+    broken = dict(state)
+    broken["backbone.fpn.inner_blocks.0.0.weight"] = torch.zeros(3, 3)
+    torch.save(broken, tmp_path / "shape.pth")
+    with pytest.raises(CheckpointError, match=r"backbone.fpn.inner_blocks.0.0.weight has shape \(3, 3\)"):
+        convert_torchvision(tmp_path / "shape.pth", tmp_path / "out.safetensors", "fasterrcnn_mobilenet_v3_large_320_fpn")
+    result = CliRunner().invoke(cli.app, ["convert", "--from", "torchvision", str(tmp_path / "shape.pth"),
+                                          str(tmp_path / "out.safetensors"), "--arch", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+    assert result.exit_code == 3 and "inner_blocks.0.0.weight" in result.output
+    assert not (tmp_path / "out.safetensors").exists()
