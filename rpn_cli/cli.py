@@ -60,7 +60,8 @@ def _checkpoint_or_default(checkpoint: Optional[Path]) -> Path:
 
 
 CheckpointOption = Annotated[
-    Optional[Path], typer.Option("--checkpoint", "-c", help="A .safetensors checkpoint of ours (default: the shipped one).")
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help="A .safetensors checkpoint of ours, or a file from rpn export (.onnx, .pt). Default: the shipped one."),
 ]
 
 
@@ -87,8 +88,8 @@ def propose(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Propose object boxes for images: JSON Lines on stdout, or files in --out."""
-    from .checkpoint import load_checkpoint
     from .devices import resolve_device
+    from .export import load_model
     from .inputs import expand_inputs
     from .outputs import check_output_names, parse_formats
 
@@ -98,7 +99,7 @@ def propose(
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
         if out is not None and "jsonl" in formats:
             raise UsageError("jsonl goes to stdout; with --out use json, png or coco")
-        model = load_checkpoint(_checkpoint_or_default(checkpoint), resolve_device(device))
+        model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device))
         settings = model.spec.proposal_settings(
             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
             min_score=min_score,
@@ -188,6 +189,7 @@ def anchors(
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
     """Print the anchor table (width, height, ratio of each anchor) and draw the anchors."""
+    import torch
     from PIL import Image
     from rich.table import Table
 
@@ -208,7 +210,7 @@ def anchors(
             levels, offset, preprocess = [{"stride": stride, "anchors": shapes.tolist()}], 0.0, None
         rows = []
         for number, level in enumerate(levels):
-            for row in describe_anchor_shapes(__import__("torch").tensor(level["anchors"])):
+            for row in describe_anchor_shapes(torch.tensor(level["anchors"])):
                 rows.append({"level": number, "stride": level["stride"], **row})
         if as_json:
             typer.echo(json.dumps(rows))
@@ -296,6 +298,26 @@ def convert(
     err.print(f"wrote {destination} ({spec.backbone['name']}, {spec.score} scores)", markup=False, highlight=False)
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint of ours.")],
+    destination: Annotated[Path, typer.Argument(help="The file to write (.onnx, or .pt for TorchScript).")],
+    export_format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
+) -> None:
+    """Export the network (backbone and head; dynamic image size) for deployment tools.
+
+    The file keeps the model description in its metadata, so `rpn propose --checkpoint FILE` runs it
+    with the same proposal layer.
+    """
+    from .export import export_model
+
+    try:
+        export_model(checkpoint, destination, export_format)
+    except RpnError as error:
+        fail(error)
+    err.print(f"wrote {destination} ({export_format})", markup=False, highlight=False)
+
+
 @app.command(name="eval")
 def evaluate(
     annotations: Annotated[Path, typer.Argument(help="A COCO .json annotation file or a VOC folder.")],
@@ -313,7 +335,6 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .checkpoint import load_checkpoint
     from .devices import resolve_device
     from .evaluate import (average_recall_report, load_ground_truth, proposals_from_jsonl, proposals_from_model,
                            write_recall_plot)
@@ -323,7 +344,9 @@ def evaluate(
         if proposals is not None:
             found = proposals_from_jsonl(proposals, ground_truth)
         else:
-            model = load_checkpoint(_checkpoint_or_default(checkpoint), resolve_device(device))
+            from .export import load_model
+
+            model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device))
             settings = model.spec.proposal_settings(post_nms_top_n=post_nms_top_n)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:

@@ -22,6 +22,7 @@ from .checkpoint import atomic_write_bytes
 from .data import AnnotatedImage, load_coco, load_voc
 from .errors import DataError, ImageError, UsageError
 from .images import load_image
+from .export import ExportedRegionProposalNetwork
 from .model import RegionProposalNetwork
 from .predict import proposals_for_batch
 from .preprocess import prepare_image
@@ -135,7 +136,7 @@ def load_ground_truth(annotations: Path, images: Path | None = None, limit: int 
 
 
 def proposals_from_model(
-    model: RegionProposalNetwork, ground_truth: Sequence[AnnotatedImage], settings: ProposalSettings,
+    model: RegionProposalNetwork | ExportedRegionProposalNetwork, ground_truth: Sequence[AnnotatedImage], settings: ProposalSettings,
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Run ``model`` on every annotated image; unreadable images get no proposals."""

@@ -141,29 +141,50 @@ class RegionProposalNetwork(nn.Module):
         in_channels = self.backbone.out_channels[0]
         self.head = RPNHead(in_channels, int(spec.head["mid_channels"]), spec.anchors_per_location, score_channels,
                             int(spec.head.get("conv_depth", 1)))
-        self._shapes = [torch.tensor(level["anchors"], dtype=torch.float32) for level in spec.levels]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.backbone.channels_last)
+
+    def raw_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The network alone (what ``rpn export`` writes): per level, objectness (N, A*k, H, W) then
+        deltas (N, 4A, H, W), levels finest first, flattened into one list."""
+        outputs = []
+        for score, loc in self.head(self.backbone(images)):
+            outputs.extend((score, loc))
+        return outputs
 
     def forward(self, images: torch.Tensor) -> list[LevelOutput]:
         """images: (N, 3, H, W), preprocessed."""
-        outputs = []
-        head_outputs = self.head(self.backbone(images))
-        for (score, loc), level, shapes in zip(head_outputs, self.spec.levels, self._shapes):
-            n, _, height, width = score.shape
-            a = shapes.shape[0]
-            if self.spec.score == "sigmoid":
-                logits = score.permute(0, 2, 3, 1).reshape(n, -1)
-            else:
-                logits = score.permute(0, 2, 3, 1).reshape(n, -1, 2)
-            deltas = loc.permute(0, 2, 3, 1).reshape(n, -1, 4)
-            if self.spec.anchor_stride == "image_over_grid":
-                stride = (images.shape[2] // height, images.shape[3] // width)
-            else:
-                stride = level["stride"]
-            anchors = cached_grid_anchors(shapes, stride, height, width, self.spec.anchor_offset, score.device)
-            if anchors.shape[0] != height * width * a:
-                raise CheckpointError("anchor grid does not match the head's output")
-            outputs.append(LevelOutput(logits, deltas, anchors, height, width))
-        return outputs
+        return flatten_outputs(self.spec, self.raw_outputs(images), tuple(images.shape[2:]))
+
+
+def flatten_outputs(spec: ModelSpec, raw: list[torch.Tensor], image_size: tuple[int, int]) -> list[LevelOutput]:
+    """Per-level :class:`LevelOutput` from :meth:`RegionProposalNetwork.raw_outputs` (or an exported
+    model's outputs), with the anchors of each level for a padded batch of ``image_size`` (H, W)."""
+    outputs = []
+    for index, level in enumerate(spec.levels):
+        score, loc = raw[2 * index], raw[2 * index + 1]
+        n, _, height, width = score.shape
+        shapes = torch.tensor(level["anchors"], dtype=torch.float32)
+        if spec.score == "sigmoid":
+            logits = score.permute(0, 2, 3, 1).reshape(n, -1)
+        else:
+            logits = score.permute(0, 2, 3, 1).reshape(n, -1, 2)
+        deltas = loc.permute(0, 2, 3, 1).reshape(n, -1, 4)
+        if spec.anchor_stride == "image_over_grid":
+            stride = (image_size[0] // height, image_size[1] // width)
+        else:
+            stride = level["stride"]
+        anchors = cached_grid_anchors(shapes, stride, height, width, spec.anchor_offset, score.device)
+        if anchors.shape[0] != deltas.shape[1]:
+            raise CheckpointError("anchor grid does not match the head's output")
+        outputs.append(LevelOutput(logits, deltas, anchors, height, width))
+    return outputs
 
 
 def objectness(logits: torch.Tensor, score_kind: str) -> torch.Tensor:

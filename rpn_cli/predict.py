@@ -28,10 +28,10 @@ class ImageProposals:
 
 def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> list[LevelOutput]:
     """The network's per-level outputs for a batch of prepared images (padded together)."""
-    device = next(model.parameters()).device
+    device = model.device
     size_divisible = int(model.spec.preprocess.get("size_divisible", 1))
     batch = pad_batch([image.tensor for image in images], size_divisible).to(device, non_blocking=True)
-    if model.backbone.channels_last:
+    if model.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         return model(batch)

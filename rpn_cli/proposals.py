@@ -10,6 +10,7 @@ from torchvision.ops import batched_nms, nms
 
 from .boxes import DEFAULT_DELTA_CLAMP, clip_boxes, decode_deltas, valid_box_mask
 from .errors import UsageError
+from .nms import greedy_nms
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,11 @@ def proposals_for_image(
     if boxes.shape[0] == 0:
         return boxes.reshape(0, 4), score
     if settings.nms_per_level:
-        keep = batched_nms(boxes, score, level_ids, settings.nms_iou)
+        keep = batched_nms(boxes, score, level_ids, settings.nms_iou)[: settings.post_nms_top_n]
+    elif boxes.is_cuda:
+        keep = nms(boxes, score, settings.nms_iou)[: settings.post_nms_top_n]
     else:
-        keep = nms(boxes, score, settings.nms_iou)
-    keep = keep[: settings.post_nms_top_n]
+        keep = greedy_nms(boxes, score, settings.nms_iou, settings.post_nms_top_n)
     return boxes[keep], score[keep]
 
 

@@ -261,7 +261,7 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
             for i, tensor in enumerate(tensors):
                 batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
             batch = batch.to(device)
-            if model.backbone.channels_last:
+            if model.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp,
                                 target_settings, generator)

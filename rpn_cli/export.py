@@ -1,0 +1,146 @@
+"""Exporting the network (backbone and head) to ONNX or TorchScript, and running exported files.
+
+The proposal layer stays in Python: an exported file holds the network and,
+in its metadata, the same model description as our ``.safetensors`` format,
+so ``rpn propose --checkpoint model.onnx`` gives the same proposals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import METADATA_KEY, atomic_write_bytes, load_checkpoint
+from .errors import CheckpointError, UsageError
+from .model import LevelOutput, ModelSpec, RegionProposalNetwork, flatten_outputs
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+ONNX_SUFFIXES = (".onnx",)
+TORCHSCRIPT_SUFFIXES = (".pt", ".torchscript", ".ts")
+
+
+class _RawOutputs(torch.nn.Module):
+    """The network with a flat tuple of outputs, as exporters want it."""
+
+    def __init__(self, model: RegionProposalNetwork):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return tuple(self.model.raw_outputs(images))
+
+
+def _output_names(spec: ModelSpec) -> list[str]:
+    names = []
+    for index in range(len(spec.levels)):
+        names.extend((f"objectness_{index}", f"deltas_{index}"))
+    return names
+
+
+def _example_input(spec: ModelSpec) -> torch.Tensor:
+    size = int(spec.preprocess.get("size", 512))
+    return torch.zeros(1, 3, size, size + size // 3)
+
+
+def export_model(checkpoint: str | Path, destination: str | Path, export_format: str) -> None:
+    """Write the checkpoint's network to ONNX (dynamic batch and image size) or TorchScript."""
+    if export_format not in EXPORT_FORMATS:
+        raise UsageError(f"--format {export_format}: choose from {', '.join(EXPORT_FORMATS)}")
+    model = load_checkpoint(checkpoint, "cpu")
+    wrapper = _RawOutputs(model).eval()
+    example = _example_input(model.spec)
+    description = json.dumps(model.spec.to_dict(), sort_keys=True)
+    destination = Path(destination)
+    if export_format == "onnx":
+        _export_onnx(wrapper, model.spec, example, description, destination)
+    else:
+        with torch.no_grad():
+            traced = torch.jit.trace(wrapper, example, check_trace=False)
+        atomic_write_bytes(destination, lambda tmp: torch.jit.save(traced, tmp, _extra_files={METADATA_KEY: description}))
+
+
+def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destination: Path) -> None:
+    try:
+        import onnx
+    except ImportError as error:
+        raise UsageError('ONNX export needs the onnx extra: pip install "rpn-cli[onnx]"') from error
+    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
+
+    def write(tmp: str) -> None:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (example,), input_names=["images"], output_names=_output_names(spec),
+                dynamic_shapes={"images": {0: batch, 2: height, 3: width}}, dynamo=True, verbose=False,
+            )
+        proto = program.model_proto
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, description
+        onnx.save(proto, tmp)
+
+    atomic_write_bytes(destination, write)
+
+
+class ExportedRegionProposalNetwork:
+    """An exported network run by ONNX Runtime or TorchScript, used where a
+    :class:`RegionProposalNetwork` is (``spec``, ``device``, ``channels_last``, calling it)."""
+
+    channels_last = False
+
+    def __init__(self, path: str | Path, device: torch.device):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such checkpoint")
+        self.device = device
+        if self.path.suffix in ONNX_SUFFIXES:
+            self._load_onnx()
+        else:
+            self._load_torchscript()
+
+    def _load_onnx(self) -> None:
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise UsageError('running an .onnx checkpoint needs onnxruntime: pip install "rpn-cli[onnx]"') from error
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+        except Exception as error:  # onnxruntime has its own exception types
+            raise CheckpointError(f"{self.path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from error
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.spec = self._spec_from(metadata.get(METADATA_KEY))
+        self.device = torch.device("cpu")  # ONNX Runtime hands back host arrays
+
+    def _load_torchscript(self) -> None:
+        files = {METADATA_KEY: ""}
+        try:
+            self.module = torch.jit.load(str(self.path), map_location=self.device, _extra_files=files)
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{self.path}: not a loadable TorchScript file ({str(error).splitlines()[0]})") from error
+        self.spec = self._spec_from(files[METADATA_KEY] or None)
+
+    def _spec_from(self, text: str | None) -> ModelSpec:
+        if not text:
+            raise CheckpointError(f"{self.path}: exported without an rpn model description")
+        return ModelSpec.from_dict(json.loads(text), source=str(self.path))
+
+    def raw_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if hasattr(self, "session"):
+            arrays = self.session.run(None, {"images": images.cpu().numpy()})
+            return [torch.from_numpy(array) for array in arrays]
+        return list(self.module(images.to(self.device)))
+
+    def __call__(self, images: torch.Tensor) -> list[LevelOutput]:
+        return flatten_outputs(self.spec, self.raw_outputs(images), tuple(images.shape[2:]))
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu"):
+    """Our ``.safetensors`` checkpoint, or an exported ``.onnx`` / TorchScript file, ready to propose."""
+    path = Path(path)
+    device = torch.device(device)
+    if path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
+        return ExportedRegionProposalNetwork(path, device)
+    return load_checkpoint(path, device)

@@ -1,0 +1,46 @@
+"""The early-stopping NMS equals torchvision's greedy NMS."""
+
+import pytest
+import torch
+from torchvision.ops import nms
+
+from rpn_cli.nms import greedy_nms
+
+
+def _random_boxes(generator, count, spread=600.0, size=200.0):
+    xy = torch.rand(count, 2, generator=generator) * spread
+    wh = torch.rand(count, 2, generator=generator) * size + 1
+    return torch.cat((xy, xy + wh), 1)
+
+
+def _clustered_boxes(generator, count):
+    """Many near-copies of a few objects: the case where NMS suppresses most boxes."""
+    centres = _random_boxes(generator, 12)
+    picks = centres[torch.randint(0, 12, (count,), generator=generator)]
+    return picks + torch.randn(count, 4, generator=generator) * 6
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("threshold,max_keep", [(0.7, 300), (0.5, 50), (0.3, 3000)])
+def test_equals_torchvision(seed, kind, threshold, max_keep):
+    generator = torch.Generator().manual_seed(seed)
+    boxes = _random_boxes(generator, 3000) if kind == "random" else _clustered_boxes(generator, 3000)
+    scores = torch.rand(3000, generator=generator)
+    expected = nms(boxes, scores, threshold)[:max_keep]
+    assert torch.equal(greedy_nms(boxes, scores, threshold, max_keep), expected)
+
+
+def test_ties_keep_torchvisions_order():
+    generator = torch.Generator().manual_seed(7)
+    boxes = _clustered_boxes(generator, 1000)
+    scores = torch.randint(0, 5, (1000,), generator=generator).float() / 4  # five distinct values only
+    for max_keep in (10, 100, 1000):
+        assert torch.equal(greedy_nms(boxes, scores, 0.7, max_keep), nms(boxes, scores, 0.7)[:max_keep])
+    identical = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 4 + [[20.0, 20.0, 30.0, 30.0]])
+    same = torch.ones(5)
+    assert torch.equal(greedy_nms(identical, same, 0.5, 10), nms(identical, same, 0.5))
+
+
+def test_empty_input():
+    assert greedy_nms(torch.zeros(0, 4), torch.zeros(0), 0.7, 300).numel() == 0
