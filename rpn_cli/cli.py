@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -67,8 +68,13 @@ CheckpointOption = Annotated[
 
 @app.command()
 def propose(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")],
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")] = None,
     checkpoint: CheckpointOption = None,
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="A list of image paths: text (one per line), CSV or Parquet.")] = None,
+    manifest_column: Annotated[Optional[str], typer.Option("--manifest-column", help="The CSV/Parquet column of paths (default: path, else the first).")] = None,
+    engine: Annotated[str, typer.Option(help="local, or ray (Ray Data; needs --out).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else start a local Ray).")] = None,
+    actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="Ray: model actors (default: one per GPU, else half the CPUs).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for json/png outputs (or the COCO results file).")] = None,
     output_format: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl (stdout), json, png, coco; comma-separated. Default: jsonl, or json with --out.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
@@ -90,10 +96,24 @@ def propose(
     """Propose object boxes for images: JSON Lines on stdout, or files in --out."""
     from .devices import resolve_device
     from .export import load_model
-    from .inputs import expand_inputs
+    from .inputs import expand_inputs, read_manifest
     from .outputs import check_output_names, parse_formats
 
     try:
+        if engine not in ("local", "ray"):
+            raise UsageError(f"--engine {engine}: choose local or ray")
+        given = list(inputs or [])
+        if manifest is not None:
+            given += read_manifest(manifest, manifest_column)
+        if not given:
+            raise UsageError("give images, folders, globs, - or --manifest")
+        items = expand_inputs(given, recursive, sys.stdin if "-" in given else None)
+        if not items:
+            raise UsageError("no images in the inputs given")
+        if engine == "ray":
+            _run_ray(items, checkpoint, out, output_format, ray_address, actors, device, top_k, max_pixels,
+                     skip_existing, quiet, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
+                                                nms_iou=nms_iou, min_size=min_size, min_score=min_score))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
@@ -104,9 +124,6 @@ def propose(
             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
             min_score=min_score,
         )
-        items = expand_inputs(inputs, recursive, sys.stdin if "-" in inputs else None)
-        if not items:
-            raise UsageError("no images in the inputs given")
         if out is not None and any(f in ("json", "png") for f in formats):
             check_output_names(items)
     except RpnError as error:
@@ -116,10 +133,40 @@ def propose(
     raise typer.Exit(code)
 
 
+def _run_ray(items, checkpoint, out, output_format, address, actors, device, top_k, max_pixels, skip_existing, quiet,
+             overrides) -> None:
+    """``rpn propose --engine ray``: always ends the command (exit 0, or 1 when an image failed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .export import load_model
+    from .ray_engine import propose_with_ray
+
+    if out is None:
+        raise UsageError("--engine ray writes shards into a folder: give --out")
+    path = _checkpoint_or_default(checkpoint)
+    spec = load_model(path, "cpu").spec
+    settings = spec.proposal_settings(**overrides).to_dict()
+    with Progress(TextColumn("ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal) as progress:
+        task = progress.add_task("images", total=len(items), rate="")
+        started = time.perf_counter()
+
+        def advance(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - started
+            progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f} images/s" if elapsed else "")
+
+        summary = propose_with_ray(items, path, out, settings, spec.preprocess, output_format or "jsonl",
+                                   address or os.environ.get("RAY_ADDRESS"), device, actors, top_k, max_pixels,
+                                   skip_existing, progress=advance)
+    if not quiet:
+        err.print(f"{summary.images} images, {summary.proposals} proposals, {summary.failed} failed"
+                  + (f", {summary.skipped} skipped (records exist)" if summary.skipped else "")
+                  + f", {summary.seconds:.1f} s, {len(summary.shards)} shards in {out}", markup=False, highlight=False)
+    raise typer.Exit(1 if summary.failed else 0)
+
+
 def _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
                  fail_fast, max_pixels, quiet) -> int:
-    import time
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .engine import Timings, propose_images

@@ -59,3 +59,35 @@ def expand_inputs(inputs: Iterable[str], recursive: bool = False, stdin: TextIO 
         else:
             result.append(InputImage(item, os.path.basename(item), "no such file or folder"))
     return result
+
+
+def read_manifest(path: str | Path, column: str | None = None) -> list[str]:
+    """Image paths listed in a manifest: a text file (one per line), or a column of a CSV or Parquet
+    file (``column``, default ``path``, else the first column). Relative paths are kept as written."""
+    from .errors import UsageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such manifest")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError as error:
+            raise UsageError(f"{path}: reading Parquet needs pyarrow (pip install \"rpn-cli[ray]\")") from error
+        table = parquet.read_table(path)
+        name = column or ("path" if "path" in table.column_names else table.column_names[0])
+        if name not in table.column_names:
+            raise UsageError(f"{path}: no column {name!r} (columns: {', '.join(table.column_names)})")
+        return [str(value) for value in table.column(name).to_pylist() if value]
+    if suffix == ".csv":
+        import csv
+
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            names = reader.fieldnames or []
+            name = column or ("path" if "path" in names else (names[0] if names else None))
+            if name not in names:
+                raise UsageError(f"{path}: no column {name!r} (columns: {', '.join(names)})")
+            return [row[name] for row in reader if row.get(name)]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]

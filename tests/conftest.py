@@ -13,25 +13,40 @@ SAMPLES = ROOT / "samples"
 DEFAULT_CHECKPOINT = ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def coco_dir() -> Path:
     if not (COCO_DIR / "instances.json").is_file():
         pytest.skip(f"the shared COCO data is absent ({COCO_DIR}); these tests read real annotated photos from it")
     return COCO_DIR
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def teacher_model() -> Path:
     if not TEACHER.is_file():
         pytest.skip(f"the shared teacher model is absent ({TEACHER})")
     return TEACHER
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     if not DEFAULT_CHECKPOINT.is_file():
         pytest.fail(f"the shipped checkpoint {DEFAULT_CHECKPOINT} is missing")
     return DEFAULT_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A small untrained model: what the CLI's plumbing does cannot depend on what the weights learnt."""
+    import torch
+
+    from rpn_cli.checkpoint import save_checkpoint
+    from rpn_cli.model import RegionProposalNetwork, default_mobilenet_spec
+
+    torch.manual_seed(0)
+    model = RegionProposalNetwork(default_mobilenet_spec(shorter_side=256, max_size=427))
+    path = tmp_path_factory.mktemp("ckpt") / "random.safetensors"
+    save_checkpoint(model, path)
+    return path
 
 
 def run_rpn(*args, input=None, cwd=None, check=False):

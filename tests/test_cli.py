@@ -12,9 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from rpn_cli import cli
-from rpn_cli.checkpoint import load_checkpoint, save_checkpoint
+from rpn_cli.checkpoint import load_checkpoint
 from rpn_cli.images import load_image
-from rpn_cli.model import RegionProposalNetwork, default_mobilenet_spec, parameter_count
+from rpn_cli.model import parameter_count
 from rpn_cli.predict import proposals_for_batch
 from rpn_cli.preprocess import prepare_image
 
@@ -27,14 +27,8 @@ SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small untrained model: the CLI's plumbing does not depend on what the weights learnt."""
-    torch.manual_seed(0)
-    spec = default_mobilenet_spec(shorter_side=256, max_size=427)
-    model = RegionProposalNetwork(spec)
-    path = tmp_path_factory.mktemp("ckpt") / "random.safetensors"
-    save_checkpoint(model, path)
-    return path
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 
 @pytest.fixture(scope="module")
