@@ -29,3 +29,9 @@ class DataError(RpnError):
     """An annotation file or dataset folder that cannot be used."""
 
     exit_code = 5
+
+
+class OutputError(RpnError):
+    """An output file that cannot be written."""
+
+    exit_code = 6
