@@ -9,6 +9,8 @@ Each part runs in its own process (so each has its own peak memory) on the same 
   seed       the seed document's RPN code (tests/seed_reference.py), one image at a time, float32,
              ResNet-50 C4 with random weights in the seed project's layout
   ours-c4    our `resnet50-c4` on a checkpoint converted from that same state dict
+  ray        `rpn propose --engine ray` on the same images (local Ray, all cores; needs the ray extra),
+             against ours-cli: the Ray engine's overhead on one machine
 Prints a Markdown report (and --json FILE writes the figures).
 """
 
@@ -64,15 +66,24 @@ def part_ours_split(files, checkpoint, out_dir, **_):
             "proposal_layer": timings.proposal_layer, "writing": writing, "threads": torch.get_num_threads()}
 
 
-def part_ours_cli(files, checkpoint, out_dir, **_):
+def _timed_propose(files, checkpoint, out_dir, *options) -> dict:
+    """`rpn propose - --out DIR OPTIONS` on the files, timed as a whole process."""
     listing = "\n".join(str(f) for f in files) + "\n"
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "rpn_cli", "propose", "-", "--checkpoint", str(checkpoint), "--out",
-                    str(out_dir), "--format", "json", "--quiet"], input=listing, text=True, check=True,
+                    str(out_dir), "--quiet", *options], input=listing, text=True, check=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     seconds = time.perf_counter() - started
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"seconds": seconds, "images": len(files), "peak_mib": child_peak}
+
+
+def part_ours_cli(files, checkpoint, out_dir, **_):
+    return _timed_propose(files, checkpoint, out_dir, "--format", "json")
+
+
+def part_ray(files, checkpoint, out_dir, **_):
+    return _timed_propose(files, checkpoint, out_dir, "--engine", "ray")
 
 
 def part_selective(files, **_):
@@ -103,13 +114,11 @@ def _seed_state_dict(path: Path) -> None:
 
 
 def part_seed(files, seed_state, **_):
-    import numpy as np
     import torch
     from PIL import Image
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from seed_reference import (SeedHead, enumerate_shifted_anchor, generate_anchor_base, seed_extractor,
-                                seed_proposal_layer, seed_scores_and_locs)
+    from seed_reference import SeedHead, seed_extractor, seed_rpn_proposals
 
     state = torch.load(seed_state, weights_only=True)
     extractor, rpn = seed_extractor().eval(), SeedHead().eval()
@@ -119,16 +128,7 @@ def part_seed(files, seed_state, **_):
     started = time.perf_counter()
     for path in files:
         image = Image.open(path).convert("RGB")
-        short, long = min(image.size), max(image.size)
-        size = (int(600 * long / short), 600) if image.width >= image.height else (600, int(600 * long / short))
-        resized = image.resize(size, Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)[None]
-        with torch.no_grad():
-            features = extractor(x)
-            hidden = torch.relu(rpn.conv1(features))
-            fg, locs = seed_scores_and_locs(rpn.score(hidden), rpn.loc(hidden))
-            anchors = enumerate_shifted_anchor(generate_anchor_base(), 16, features.shape[2], features.shape[3])
-            rois, _ = seed_proposal_layer(locs[0], fg[0], anchors, (size[1], size[0]))
+        rois, _, size = seed_rpn_proposals(image, extractor, rpn)
         scale = torch.tensor([size[0] / image.width, size[1] / image.height] * 2)
         results[str(path)] = (rois / scale).tolist()
     return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results}
@@ -148,7 +148,7 @@ def part_ours_c4(files, c4_checkpoint, out_dir, **_):
 
 
 PARTS = {"ours-split": part_ours_split, "ours-cli": part_ours_cli, "selective": part_selective,
-         "seed": part_seed, "ours-c4": part_ours_c4}
+         "seed": part_seed, "ours-c4": part_ours_c4, "ray": part_ray}
 
 
 def _run_part(name: str, arguments: dict) -> dict:
@@ -208,7 +208,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         common = {"files": [str(f) for f in files], "checkpoint": str(args.checkpoint)}
-        for name in ("ours-cli", "ours-split", "selective"):
+        for name in ("ours-cli", "ours-split", "selective", "ray"):
             if name not in skip:
                 out_dir = scratch / name
                 out_dir.mkdir()
@@ -240,6 +240,7 @@ def report(figures: dict, files: list, folder: Path) -> None:
     for name, label in (("ours-cli", "rpn propose (default checkpoint), end to end incl. start-up"),
                         ("ours-split", "rpn propose pipeline, in-process"),
                         ("selective", "Selective Search (OpenCV, fast)"),
+                        ("ray", "rpn propose --engine ray (local Ray), end to end incl. start-up"),
                         ("seed", "seed's RPN code, ResNet-50 C4"),
                         ("ours-c4", "our resnet50-c4, same weights")):
         if name in figures:
@@ -249,6 +250,10 @@ def report(figures: dict, files: list, folder: Path) -> None:
         print(f"- Selective Search / rpn propose end to end: {per_image('selective') / per_image('ours-cli'):.1f}x")
     if "selective" in figures and "ours-split" in figures:
         print(f"- Selective Search / rpn propose in-process: {per_image('selective') / per_image('ours-split'):.1f}x")
+    if "ray" in figures and "ours-cli" in figures:
+        overhead = figures["ray"]["seconds"] - figures["ours-cli"]["seconds"]
+        print(f"- Ray engine / local engine, wall time: {figures['ray']['seconds'] / figures['ours-cli']['seconds']:.2f}x "
+              f"({overhead:+.1f} s for {len(files)} images)")
     if "seed" in figures:
         print(f"- seed code / our resnet50-c4: {per_image('seed') / per_image('ours-c4'):.2f}x; "
               f"seed boxes matched by ours at IoU >= 0.95: {figures['c4_matched_share']:.1%}")

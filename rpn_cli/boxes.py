@@ -15,6 +15,13 @@ import torch
 DEFAULT_DELTA_CLAMP = math.log(1000.0 / 16)
 
 
+def _centres_and_sizes(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(centre x, centre y, width, height) of boxes (N, 4), each (N,)."""
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights, widths, heights
+
+
 def decode_deltas(
     anchors: torch.Tensor,
     deltas: torch.Tensor,
@@ -26,13 +33,9 @@ def decode_deltas(
     The seed's ``loc2bbox`` plus the clamp of dw, dh at ``clamp``. ``weights``
     divide the deltas, as in torchvision's ``BoxCoder``.
     """
-    anchors = anchors.to(torch.float32)
+    ctr_x, ctr_y, widths, heights = _centres_and_sizes(anchors.to(torch.float32))
     deltas = deltas.to(torch.float32)
     wx, wy, ww, wh = weights
-    widths = anchors[:, 2] - anchors[:, 0]
-    heights = anchors[:, 3] - anchors[:, 1]
-    ctr_x = anchors[:, 0] + 0.5 * widths
-    ctr_y = anchors[:, 1] + 0.5 * heights
     dx = deltas[:, 0] / wx
     dy = deltas[:, 1] / wy
     dw = torch.clamp(deltas[:, 2] / ww, max=clamp)
@@ -63,17 +66,9 @@ def encode_boxes(
     dw, dh are clamped at ``clamp`` like the decoder, so targets never ask for
     what the decoder cannot give.
     """
-    anchors = anchors.to(torch.float32)
-    boxes = boxes.to(torch.float32)
+    ax, ay, aw, ah = _centres_and_sizes(anchors.to(torch.float32))
+    bx, by, bw, bh = _centres_and_sizes(boxes.to(torch.float32))
     wx, wy, ww, wh = weights
-    aw = anchors[:, 2] - anchors[:, 0]
-    ah = anchors[:, 3] - anchors[:, 1]
-    ax = anchors[:, 0] + 0.5 * aw
-    ay = anchors[:, 1] + 0.5 * ah
-    bw = boxes[:, 2] - boxes[:, 0]
-    bh = boxes[:, 3] - boxes[:, 1]
-    bx = boxes[:, 0] + 0.5 * bw
-    by = boxes[:, 1] + 0.5 * bh
     dx = wx * (bx - ax) / aw
     dy = wy * (by - ay) / ah
     dw = ww * torch.clamp(torch.log(bw / aw), max=clamp)

@@ -30,7 +30,11 @@ def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> 
     """The network's per-level outputs for a batch of prepared images (padded together)."""
     device = model.device
     size_divisible = int(model.spec.preprocess.get("size_divisible", 1))
-    batch = pad_batch([image.tensor for image in images], size_divisible).to(device, non_blocking=True)
+    batch = pad_batch([image.tensor for image in images], size_divisible)
+    if device.type == "cuda":
+        # Page-locked memory lets the copy run asynchronously with the host's next work.
+        batch = batch.pin_memory()
+    batch = batch.to(device, non_blocking=True)
     if model.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

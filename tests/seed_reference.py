@@ -122,3 +122,22 @@ class SeedHead(nn.Module):
         for layer in (self.conv1, self.score, self.loc):
             nn.init.normal_(layer.weight, 0, 0.01)
             nn.init.zeros_(layer.bias)
+
+
+def seed_rpn_proposals(image, extractor, rpn):
+    """The seed project's test-time path for one PIL image: shorter side to 600 (bicubic), RGB / 255,
+    extractor, head, softmax, anchors, proposal layer. Returns (rois, scores, (resized_w, resized_h))
+    with rois in the resized image's pixels."""
+    from PIL import Image
+
+    short, long = min(image.size), max(image.size)
+    size = (int(600 * long / short), 600) if image.width >= image.height else (600, int(600 * long / short))
+    resized = image.resize(size, Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        features = extractor(x)
+        hidden = torch.relu(rpn.conv1(features))
+        fg, locs = seed_scores_and_locs(rpn.score(hidden), rpn.loc(hidden))
+        anchors = enumerate_shifted_anchor(generate_anchor_base(), 16, features.shape[2], features.shape[3])
+        rois, scores = seed_proposal_layer(locs[0], fg[0], anchors, (size[1], size[0]))
+    return rois, scores, size

@@ -16,8 +16,7 @@ from rpn_cli.predict import proposals_for_batch
 from rpn_cli.preprocess import prepare_image, resized_size
 
 from conftest import SAMPLES
-from seed_reference import (SeedHead, enumerate_shifted_anchor, generate_anchor_base, seed_extractor, seed_proposal_layer,
-                            seed_scores_and_locs)
+from seed_reference import SeedHead, seed_extractor, seed_rpn_proposals
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -65,20 +64,12 @@ def test_seed_project_import_matches_the_seed_algorithm(tmp_path):
     model = load_checkpoint(converted)
 
     image = Image.open(SAMPLES / "coffee.jpg").convert("RGB")  # 600 x 400
-    new_w = int(600 * image.width / image.height)
-    resized = image.resize((new_w, 600), Image.Resampling.BICUBIC)
-    assert resized_size(image.width, image.height, model.spec.preprocess) == (new_w, 600)
-    x = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        features = extractor(x)
-        hidden = torch.relu(rpn.conv1(features))
-        fg, locs = seed_scores_and_locs(rpn.score(hidden), rpn.loc(hidden))
-    anchors = enumerate_shifted_anchor(generate_anchor_base(), 16, features.shape[2], features.shape[3])
-    expected, expected_scores = seed_proposal_layer(locs[0], fg[0], anchors, (600, new_w))
+    expected, expected_scores, (new_w, new_h) = seed_rpn_proposals(image, extractor, rpn)
+    assert resized_size(image.width, image.height, model.spec.preprocess) == (new_w, new_h) == (900, 600)
 
     ours = proposals_for_batch(model, [prepare_image(image, model.spec.preprocess)], model.spec.proposal_settings())[0]
     assert ours.boxes.shape[0] == expected.shape[0] > 0
-    scale_x, scale_y = new_w / image.width, 600 / image.height
+    scale_x, scale_y = new_w / image.width, new_h / image.height
     expected_original = expected / torch.tensor([scale_x, scale_y, scale_x, scale_y])
     torch.testing.assert_close(ours.boxes, expected_original, rtol=0, atol=1e-2)
     torch.testing.assert_close(ours.scores, expected_scores, rtol=1e-4, atol=1e-5)
@@ -174,7 +165,7 @@ def test_batch_clips_each_image_to_its_own_size(tmp_path):
 
 
 def test_spec_json_is_complete(tmp_path):
-    model = _bright_cell_model(tmp_path)
+    _bright_cell_model(tmp_path)
     data = read_spec(tmp_path / "bright.safetensors").to_dict()
     for key in ("backbone", "levels", "head", "score", "anchor_offset", "preprocess", "provenance", "box_weights"):
         assert key in data

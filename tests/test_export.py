@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from rpn_cli import cli
 from rpn_cli.errors import CheckpointError
-from rpn_cli.export import export_model, load_model
+from rpn_cli.export import load_model
 from rpn_cli.images import load_image
 from rpn_cli.preprocess import pad_batch, prepare_image
 

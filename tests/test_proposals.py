@@ -1,6 +1,5 @@
 """The test-mode proposal layer against the seed's ProposalCreator, and the documented fixes."""
 
-import numpy as np
 import pytest
 import torch
 
