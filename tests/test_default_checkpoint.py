@@ -1,0 +1,48 @@
+"""The shipped checkpoint: it loads, it is what weights/README.md says, and it finds obvious objects."""
+
+import json
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+from typer.testing import CliRunner
+
+from rpn_cli import cli
+from rpn_cli.checkpoint import load_checkpoint
+from rpn_cli.images import load_image
+from rpn_cli.predict import proposals_for_batch
+from rpn_cli.preprocess import prepare_image
+
+from conftest import ROOT, SAMPLES
+
+# Boxes drawn by hand on the samples, (x1, y1, x2, y2) in their pixels.
+HAND_MADE = {
+    "astronaut.jpg": [25.0, 15.0, 370.0, 512.0],  # the astronaut, from hair to the bottom edge
+    "coffee.jpg": [172.0, 15.0, 410.0, 305.0],  # the cup with its handle, not the saucer
+}
+
+
+def test_it_loads_with_its_provenance(default_checkpoint):
+    model = load_checkpoint(default_checkpoint)
+    provenance = model.spec.provenance
+    assert provenance["trained_by"] == "rpn train" and provenance["command"].startswith("rpn train")
+    assert provenance["validation"]["AR@100"] > 0.2
+    assert default_checkpoint.stat().st_size < 40 * 1024 * 1024
+    readme = (ROOT / "weights" / "README.md").read_text()
+    assert default_checkpoint.name in readme and provenance["command"] in readme
+
+
+@pytest.mark.parametrize("sample", sorted(HAND_MADE))
+def test_best_proposals_cover_the_obvious_object(default_checkpoint, sample):
+    model = load_checkpoint(default_checkpoint)
+    prepared = prepare_image(load_image(SAMPLES / sample), model.spec.preprocess)
+    result = proposals_for_batch(model, [prepared], model.spec.proposal_settings())[0]
+    overlap = box_iou(torch.tensor([HAND_MADE[sample]]), result.boxes[:10])[0]
+    assert float(overlap.max()) >= 0.7, overlap
+
+
+def test_eval_runs_the_checkpoint(default_checkpoint, coco_dir):
+    result = CliRunner().invoke(cli.app, ["eval", str(coco_dir / "instances.json"), "--limit", "8", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 8 and 0.0 < report["AR@100"] <= report["AR@300"] <= report["AR@1000"] <= 1.0
