@@ -79,6 +79,7 @@ def propose(
     output_format: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl (stdout), json, png, coco; comma-separated. Default: jsonl, or json with --out.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="The network's precision: auto (bfloat16 on CPUs that have it, float16 on CUDA), float32, bfloat16, float16. Decoding and NMS stay float32.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
     workers: Annotated[int, typer.Option(min=0, help="Threads decoding images while the model runs.")] = 2,
     pre_nms_top_n: Annotated[Optional[int], typer.Option("--pre-nms-top-n", help="Boxes kept before NMS (per level). [default: checkpoint's, 3000]")] = None,
@@ -111,7 +112,7 @@ def propose(
         if not items:
             raise UsageError("no images in the inputs given")
         if engine == "ray":
-            _run_ray(items, checkpoint, out, output_format, ray_address, actors, device, top_k, max_pixels,
+            _run_ray(items, checkpoint, out, output_format, ray_address, actors, device, precision, top_k, max_pixels,
                      skip_existing, quiet, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
                                                 nms_iou=nms_iou, min_size=min_size, min_score=min_score))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
@@ -119,7 +120,7 @@ def propose(
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
         if out is not None and "jsonl" in formats:
             raise UsageError("jsonl goes to stdout; with --out use json, png or coco")
-        model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device))
+        model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision)
         settings = model.spec.proposal_settings(
             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
             min_score=min_score,
@@ -133,8 +134,8 @@ def propose(
     raise typer.Exit(code)
 
 
-def _run_ray(items, checkpoint, out, output_format, address, actors, device, top_k, max_pixels, skip_existing, quiet,
-             overrides) -> None:
+def _run_ray(items, checkpoint, out, output_format, address, actors, device, precision, top_k, max_pixels,
+             skip_existing, quiet, overrides) -> None:
     """``rpn propose --engine ray``: always ends the command (exit 0, or 1 when an image failed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -156,8 +157,8 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, top
             progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f} images/s" if elapsed else "")
 
         summary = propose_with_ray(items, path, out, settings, spec.preprocess, output_format or "jsonl",
-                                   address or os.environ.get("RAY_ADDRESS"), device, actors, top_k, max_pixels,
-                                   skip_existing, progress=advance)
+                                   address or os.environ.get("RAY_ADDRESS"), device, precision, actors, top_k,
+                                   max_pixels, skip_existing, progress=advance)
     if not quiet:
         err.print(f"{summary.images} images, {summary.proposals} proposals, {summary.failed} failed"
                   + (f", {summary.skipped} skipped (records exist)" if summary.skipped else "")
@@ -372,6 +373,7 @@ def evaluate(
     proposals: Annotated[Optional[Path], typer.Option("--proposals", help="A JSON Lines file from rpn propose, instead of running a checkpoint.")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (default: images/ beside a COCO file).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 (as rpn propose).")] = "auto",
     post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Proposals per image when running a checkpoint.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate on the first N images only.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write recall curves to this PNG (needs matplotlib).")] = None,
@@ -393,7 +395,7 @@ def evaluate(
         else:
             from .export import load_model
 
-            model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device))
+            model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision)
             settings = model.spec.proposal_settings(post_nms_top_n=post_nms_top_n)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:

@@ -18,3 +18,24 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise UsageError(f"--device {name}: CUDA is not available on this machine")
         return torch.device(name)
     raise UsageError(f"--device {name}: expected one of {', '.join(DEVICE_CHOICES)}")
+
+
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The network's precision: ``auto`` is bfloat16 on CPUs with native bfloat16 (AVX512-BF16/AMX),
+    float16 on CUDA, float32 elsewhere. Decoding and NMS always run in float32."""
+    if name not in PRECISION_CHOICES:
+        raise UsageError(f"--precision {name}: expected one of {', '.join(PRECISION_CHOICES)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "float16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (a no-op for float32)."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

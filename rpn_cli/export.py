@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import METADATA_KEY, atomic_write_bytes, load_checkpoint
+from .devices import resolve_precision
 from .errors import CheckpointError, UsageError
 from .model import LevelOutput, ModelSpec, RegionProposalNetwork, flatten_outputs
 
@@ -137,10 +138,16 @@ class ExportedRegionProposalNetwork:
         return flatten_outputs(self.spec, self.raw_outputs(images), tuple(images.shape[2:]))
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu"):
-    """Our ``.safetensors`` checkpoint, or an exported ``.onnx`` / TorchScript file, ready to propose."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", precision: str = "float32"):
+    """Our ``.safetensors`` checkpoint, or an exported ``.onnx`` / TorchScript file, ready to propose.
+
+    ``precision`` (see :func:`rpn_cli.devices.resolve_precision`) applies to our checkpoints;
+    exported files run as they were exported (float32).
+    """
     path = Path(path)
     device = torch.device(device)
     if path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
         return ExportedRegionProposalNetwork(path, device)
-    return load_checkpoint(path, device)
+    model = load_checkpoint(path, device)
+    model.precision = resolve_precision(precision, device)
+    return model

@@ -126,7 +126,12 @@ class LevelOutput:
 
 
 class RegionProposalNetwork(nn.Module):
-    """Backbone + head; ``forward`` gives per-level logits, deltas and anchors."""
+    """Backbone + head; ``forward`` gives per-level logits, deltas and anchors.
+
+    ``precision`` is what inference runs the network in (set by ``rpn_cli.export.load_model``).
+    """
+
+    precision = "float32"
 
     def __init__(self, spec: ModelSpec):
         super().__init__()

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from .boxes import scale_boxes
+from .devices import autocast
 from .model import LevelOutput, RegionProposalNetwork, objectness
 from .preprocess import PreparedImage, pad_batch
 from .proposals import ProposalSettings, proposals_for_image
@@ -37,7 +38,7 @@ def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> 
     batch = batch.to(device, non_blocking=True)
     if model.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, getattr(model, "precision", "float32")):
         return model(batch)
 
 

@@ -90,12 +90,12 @@ def _decode(batch: dict, preprocess: dict, max_pixels: int | None) -> dict:
 class _ProposalActor:
     """One model per actor, loaded once; runs the network and the proposal layer on decoded images."""
 
-    def __init__(self, checkpoint: str, device: str, settings: dict, top_k: int | None):
+    def __init__(self, checkpoint: str, device: str, precision: str, settings: dict, top_k: int | None):
         from .devices import resolve_device
         from .export import load_model
         from .proposals import ProposalSettings
 
-        self.model = load_model(checkpoint, resolve_device(device))
+        self.model = load_model(checkpoint, resolve_device(device), precision)
         self.settings = ProposalSettings(**settings)
         self.top_k = top_k
 
@@ -128,6 +128,7 @@ def propose_with_ray(
     output_format: str = "jsonl",
     address: str | None = None,
     device: str = "auto",
+    precision: str = "auto",
     actors: int | None = None,
     top_k: int | None = None,
     max_pixels: int | None = None,
@@ -165,7 +166,7 @@ def propose_with_ray(
                                       batch_size=4, num_cpus=1)
         dataset = dataset.map_batches(
             _ProposalActor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "device": device,
-                                                   "settings": settings, "top_k": top_k},
+                                                   "precision": precision, "settings": settings, "top_k": top_k},
             batch_size=4, concurrency=pool, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         )
         shard: list[str] = []

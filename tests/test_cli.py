@@ -42,7 +42,8 @@ def _records(stdout: str) -> list[dict]:
 
 
 def test_propose_jsonl_matches_the_library_in_original_pixels(checkpoint):
-    result = run_rpn("propose", *SAMPLE_FILES, "--checkpoint", checkpoint, "--quiet", check=True)
+    result = run_rpn("propose", *SAMPLE_FILES, "--checkpoint", checkpoint, "--quiet", "--precision", "float32",
+                     check=True)
     records = _records(result.stdout)
     assert [r["image"] for r in records] == [str(p) for p in SAMPLE_FILES]
     model = load_checkpoint(checkpoint)

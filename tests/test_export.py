@@ -48,7 +48,8 @@ def test_outputs_equal_pytorch_on_real_images(exported, default_checkpoint, name
 def test_propose_with_an_exported_file_gives_the_same_proposals(exported, default_checkpoint, name):
     images = [SAMPLES / "astronaut.jpg", SAMPLES / "coffee.jpg"]
     expected = [json.loads(line) for line in
-                run_rpn("propose", *images, "-c", default_checkpoint, "-q", check=True).stdout.splitlines()]
+                run_rpn("propose", *images, "-c", default_checkpoint, "-q", "--precision", "float32",
+                      check=True).stdout.splitlines()]
     actual = [json.loads(line) for line in
               run_rpn("propose", *images, "-c", exported / name, "-q", check=True).stdout.splitlines()]
     for ours, theirs in zip(actual, expected):
