@@ -46,12 +46,12 @@ def _peak_mib() -> float:
 def part_ours_split(files, checkpoint, out_dir, **_):
     import torch
 
-    from rpn_cli.checkpoint import load_checkpoint
     from rpn_cli.engine import Timings, propose_images
+    from rpn_cli.export import load_model
     from rpn_cli.inputs import expand_inputs
     from rpn_cli.outputs import write_image_outputs
 
-    model = load_checkpoint(checkpoint, "cpu")
+    model = load_model(checkpoint, "cpu", "auto")  # as rpn propose runs it
     settings = model.spec.proposal_settings()
     items = expand_inputs([str(f) for f in files])
     list(propose_images(items[:2], model, settings, workers=0))  # warm-up: first-call allocations
@@ -135,11 +135,11 @@ def part_seed(files, seed_state, **_):
 
 
 def part_ours_c4(files, c4_checkpoint, out_dir, **_):
-    from rpn_cli.checkpoint import load_checkpoint
     from rpn_cli.engine import propose_images
+    from rpn_cli.export import load_model
     from rpn_cli.inputs import expand_inputs
 
-    model = load_checkpoint(c4_checkpoint, "cpu")
+    model = load_model(c4_checkpoint, "cpu", "auto")  # as rpn propose runs it
     settings = model.spec.proposal_settings()
     items = expand_inputs([str(f) for f in files])
     started = time.perf_counter()
