@@ -96,7 +96,3 @@ def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Te
     factors = torch.tensor([scale_x, scale_y, scale_x, scale_y], dtype=boxes.dtype, device=boxes.device)
     return boxes / factors
 
-
-def xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
-    """(x1, y1, x2, y2) to COCO's (x, y, width, height)."""
-    return torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1)

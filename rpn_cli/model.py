@@ -79,11 +79,6 @@ class ModelSpec:
         return ProposalSettings(**values).validated()
 
 
-def level_anchor_shapes(stride: int, ratios, scales) -> list[list[float]]:
-    """Anchor shapes for one level as JSON-ready lists: ``anchor_shapes(stride, ratios, scales)``."""
-    return anchor_shapes(stride, ratios, scales).tolist()
-
-
 class RPNHead(nn.Module):
     """3x3 conv + ReLU (``conv_depth`` of them), then 1x1 objectness and 1x1 box deltas, shared across levels.
 
@@ -218,7 +213,7 @@ def default_mobilenet_spec(
     for stride, sizes in zip(strides, sizes_per_level):
         scales = [size / stride for size in sizes]
         levels.append({"stride": stride, "ratios": list(ratios), "scales": scales,
-                       "anchors": level_anchor_shapes(stride, ratios, scales)})
+                       "anchors": anchor_shapes(stride, ratios, scales).tolist()})
     return ModelSpec(
         backbone={"name": "mobilenet_v2_fpn", "fpn_channels": fpn_channels},
         levels=levels,
