@@ -67,7 +67,7 @@ def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destinatio
         import onnx
     except ImportError as error:
         raise UsageError('ONNX export needs the onnx extra: pip install "rpn-cli[onnx]"') from error
-    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
+    batch, height, width = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
 
     def write(tmp: str) -> None:
         with torch.no_grad():

@@ -5,12 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from torchvision.models import detection
 from typer.testing import CliRunner
 
 from rpn_cli import cli
+from rpn_cli.checkpoint import convert_torchvision, save_checkpoint
 from rpn_cli.errors import CheckpointError
 from rpn_cli.export import load_model
 from rpn_cli.images import load_image
+from rpn_cli.model import RegionProposalNetwork, seed_project_spec
 from rpn_cli.preprocess import pad_batch, prepare_image
 
 from conftest import SAMPLES, run_rpn
@@ -19,19 +22,41 @@ pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the onnx extra")
 pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (onnx extra)")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, default_checkpoint):
-    folder = tmp_path_factory.mktemp("export")
+# The shipped checkpoint, the seed's single-level ResNet-50 C4 (ceil-mode pooling: its feature size is
+# not a plain multiple of the image size) and a converted torchvision FPN detector (five levels).
+MODELS = ["default", "resnet50-c4", "torchvision-fpn"]
+
+
+def _checkpoint_for(name: str, folder, default_checkpoint):
+    if name == "default":
+        return default_checkpoint
+    torch.manual_seed(0)
+    path = folder / f"{name}.safetensors"
+    if name == "resnet50-c4":
+        save_checkpoint(RegionProposalNetwork(seed_project_spec()), path)
+    else:
+        arch = "fasterrcnn_mobilenet_v3_large_320_fpn"
+        detector = getattr(detection, arch)(weights=None, weights_backbone=None)
+        torch.save(detector.state_dict(), folder / "detector.pth")
+        convert_torchvision(folder / "detector.pth", path, arch)
+    return path
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def exported(request, tmp_path_factory, default_checkpoint):
+    folder = tmp_path_factory.mktemp(f"export-{request.param}")
+    checkpoint = _checkpoint_for(request.param, folder, default_checkpoint)
     runner = CliRunner()
     for name, fmt in (("model.onnx", "onnx"), ("model.pt", "torchscript")):
-        result = runner.invoke(cli.app, ["export", str(default_checkpoint), str(folder / name), "--format", fmt])
+        result = runner.invoke(cli.app, ["export", str(checkpoint), str(folder / name), "--format", fmt])
         assert result.exit_code == 0, result.output
-    return folder
+    return checkpoint, folder
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.pt"])
-def test_outputs_equal_pytorch_on_real_images(exported, default_checkpoint, name):
-    reference, model = load_model(default_checkpoint), load_model(exported / name)
+def test_outputs_equal_pytorch_on_real_images(exported, name):
+    checkpoint, folder = exported
+    reference, model = load_model(checkpoint), load_model(folder / name)
     assert model.spec.to_dict() == reference.spec.to_dict()
     for sample in ("rocket.jpg", "chelsea.jpg"):  # two sizes: the exported graph's image size is dynamic
         prepared = prepare_image(load_image(SAMPLES / sample), reference.spec.preprocess)
@@ -45,13 +70,14 @@ def test_outputs_equal_pytorch_on_real_images(exported, default_checkpoint, name
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.pt"])
-def test_propose_with_an_exported_file_gives_the_same_proposals(exported, default_checkpoint, name):
+def test_propose_with_an_exported_file_gives_the_same_proposals(exported, name):
+    checkpoint, folder = exported
     images = [SAMPLES / "astronaut.jpg", SAMPLES / "coffee.jpg"]
     expected = [json.loads(line) for line in
-                run_rpn("propose", *images, "-c", default_checkpoint, "-q", "--precision", "float32",
+                run_rpn("propose", *images, "-c", checkpoint, "-q", "--precision", "float32",
                       check=True).stdout.splitlines()]
     actual = [json.loads(line) for line in
-              run_rpn("propose", *images, "-c", exported / name, "-q", check=True).stdout.splitlines()]
+              run_rpn("propose", *images, "-c", folder / name, "-q", check=True).stdout.splitlines()]
     for ours, theirs in zip(actual, expected):
         assert len(ours["boxes"]) == len(theirs["boxes"])
         # Outputs agree to ~1e-5; boxes whose scores nearly tie may swap places, nothing else moves.
