@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,20 +89,22 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Reg
     return model.to(device).eval()
 
 
-def load_state_strict(model: torch.nn.Module, tensors: dict, source: str) -> None:
-    """Load ``tensors`` into ``model``; a missing, unexpected or mis-shaped key is a one-line error naming it."""
+def load_state_strict(model: torch.nn.Module, tensors: dict, source: str,
+                      name_in_source: Callable[[str], str] = lambda key: key) -> None:
+    """Load ``tensors`` into ``model``; a missing, unexpected or mis-shaped key is a one-line error naming it
+    as the source file spells it (``name_in_source`` maps our key to that name)."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in tensors]
     if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing key {name_in_source(missing[0])}{more}")
     unexpected = [key for key in tensors if key not in expected]
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected key {unexpected[0]}")
+        raise CheckpointError(f"{source}: unexpected key {name_in_source(unexpected[0])}")
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{source}: key {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
-            )
+            raise CheckpointError(f"{source}: key {name_in_source(key)} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(expected[key].shape)}")
     model.load_state_dict(tensors)
 
 
@@ -149,9 +152,18 @@ def convert_seed_project(source: str | Path, destination: str | Path) -> ModelSp
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in tensors:
             tensors[key] = value
-    load_state_strict(model, tensors, str(source))
+    load_state_strict(model, tensors, str(source), _seed_project_key)
     save_checkpoint(model, destination, spec)
     return spec
+
+
+def _seed_project_key(key: str) -> str:
+    """Our parameter name as the seed project's state dict spells it."""
+    if key.startswith("backbone.body."):
+        return "extractor." + key[len("backbone.body."):]
+    if key.startswith("head."):
+        return "rpn." + key[len("head."):]
+    return key
 
 
 def torchvision_spec(arch: str) -> ModelSpec:
@@ -195,6 +207,20 @@ def torchvision_spec(arch: str) -> ModelSpec:
     )
 
 
+def _torchvision_key(key: str) -> str:
+    """Our head's parameter name as a torchvision detector's state dict spells it."""
+    if key.startswith("head.conv1."):
+        return "rpn.head.conv.0.0." + key[len("head.conv1."):]
+    if key.startswith("head.more_convs."):
+        index, rest = key[len("head.more_convs."):].split(".", 1)
+        return f"rpn.head.conv.{int(index) + 1}.0.{rest}"
+    if key.startswith("head.score."):
+        return "rpn.head.cls_logits." + key[len("head.score."):]
+    if key.startswith("head.loc."):
+        return "rpn.head.bbox_pred." + key[len("head.loc."):]
+    return key
+
+
 def convert_torchvision(source: str | Path, destination: str | Path, arch: str) -> ModelSpec:
     """Import a torchvision Faster R-CNN state dict (backbone, FPN and RPN; the ROI heads are ignored)."""
     source = Path(source)
@@ -215,6 +241,6 @@ def convert_torchvision(source: str | Path, destination: str | Path, arch: str) 
             tensors["head.loc." + key.rsplit(".", 1)[1]] = tensor
     spec.provenance = {"converted_from": str(source), "source_format": "torchvision", "arch": arch}
     model = RegionProposalNetwork(spec)
-    load_state_strict(model, tensors, str(source))
+    load_state_strict(model, tensors, str(source), _torchvision_key)
     save_checkpoint(model, destination, spec)
     return spec

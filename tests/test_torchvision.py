@@ -73,7 +73,7 @@ def test_missing_or_mis_shaped_keys_are_named(tmp_path):
     broken = dict(state)
     del broken["rpn.head.bbox_pred.weight"]
     torch.save(broken, tmp_path / "missing.pth")
-    with pytest.raises(CheckpointError, match="missing key head.loc.weight"):
+    with pytest.raises(CheckpointError, match="missing key rpn.head.bbox_pred.weight"):
         convert_torchvision(tmp_path / "missing.pth", tmp_path / "out.safetensors", "fasterrcnn_mobilenet_v3_large_320_fpn")
     broken = dict(state)
     broken["backbone.fpn.inner_blocks.0.0.weight"] = torch.zeros(3, 3)
