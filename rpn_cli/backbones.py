@@ -17,10 +17,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models
-from torchvision.ops import FeaturePyramidNetwork
 
 from .errors import CheckpointError, UsageError
+from .mobilenet import FeaturePyramid, mobilenet_v2_features
 
 BackboneBuilder = Callable[[dict], nn.Module]
 _REGISTRY: dict[str, BackboneBuilder] = {}
@@ -61,28 +60,30 @@ class SingleLevelBackbone(nn.Module):
 
 
 class PyramidBackbone(nn.Module):
-    """Trunk stages whose outputs feed torchvision's feature pyramid (same width at every level)."""
+    """Trunk stages whose outputs feed a feature pyramid (same width at every level)."""
 
     def __init__(self, stages: nn.ModuleList, stage_channels: list[int], strides: list[int], channels: int):
         super().__init__()
         self.stages = stages
-        self.fpn = FeaturePyramidNetwork(stage_channels, channels)
+        self.fpn = FeaturePyramid(stage_channels, channels)
         self.strides = strides
         self.out_channels = [channels] * len(strides)
         self.channels_last = True
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        features = {}
+        features = []
         x = images
-        for index, stage in enumerate(self.stages):
+        for stage in self.stages:
             x = stage(x)
-            features[str(index)] = x
-        return list(self.fpn(features).values())
+            features.append(x)
+        return self.fpn(features)
 
 
 def _seed_project_resnet50_c4() -> nn.Sequential:
     """ResNet-50 to layer3 as the seed project builds it: stride on a bottleneck's
     first 1x1 conv, stem max-pool with padding 0 and ceil mode."""
+    from torchvision import models
+
     resnet = models.resnet50(weights=None)
     for layer in (resnet.layer2, resnet.layer3):
         first = layer[0]
@@ -101,6 +102,8 @@ def _build_resnet50_c4(description: dict) -> nn.Module:
 
 @register_backbone("vgg16")
 def _build_vgg16(description: dict) -> nn.Module:
+    from torchvision import models
+
     # features[:30] ends with conv5_3 and its ReLU, before the last max-pool.
     return SingleLevelBackbone(models.vgg16(weights=None).features[:30], stride=16, channels=512)
 
@@ -112,13 +115,13 @@ _MOBILENET_V2_STAGE_CHANNELS = (32, 96, 320)
 
 @register_backbone("mobilenet_v2")
 def _build_mobilenet_v2(description: dict) -> nn.Module:
-    features = models.mobilenet_v2(weights=None).features
+    features = mobilenet_v2_features()
     return SingleLevelBackbone(features[: _MOBILENET_V2_STAGE_ENDS[1]], stride=16, channels=96, channels_last=True)
 
 
 @register_backbone("mobilenet_v2_fpn")
 def _build_mobilenet_v2_fpn(description: dict) -> nn.Module:
-    features = models.mobilenet_v2(weights=None).features
+    features = mobilenet_v2_features()
     starts = (0,) + _MOBILENET_V2_STAGE_ENDS[:-1]
     stages = nn.ModuleList(features[a:b] for a, b in zip(starts, _MOBILENET_V2_STAGE_ENDS))
     return PyramidBackbone(
@@ -139,7 +142,9 @@ def torchvision_detector(arch: str) -> nn.Module:
     """torchvision's own Faster R-CNN builder, random weights and nothing downloaded."""
     if arch not in TORCHVISION_ARCHS:
         raise UsageError(f"unknown torchvision architecture {arch!r}; known: {', '.join(TORCHVISION_ARCHS)}")
-    return getattr(models.detection, arch)(weights=None, weights_backbone=None)
+    from torchvision.models import detection
+
+    return getattr(detection, arch)(weights=None, weights_backbone=None)
 
 
 class TorchvisionFPNBackbone(nn.Module):
@@ -171,15 +176,18 @@ def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) ->
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as error:
         raise CheckpointError(f"{path}: cannot read backbone weights ({error})") from error
-    reference = models.mobilenet_v2(weights=None)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not torchvision MobileNetV2 ImageNet weights (not a state dict)")
+    reference = mobilenet_v2_features()
     try:
-        reference.load_state_dict(state)
+        reference.load_state_dict({key[len("features."):]: value for key, value in state.items()
+                                   if key.startswith("features.")})
     except RuntimeError as error:
         first_line = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
         raise CheckpointError(f"{path}: not torchvision MobileNetV2 ImageNet weights ({first_line})") from error
     if isinstance(backbone, SingleLevelBackbone):
-        backbone.body.load_state_dict(reference.features[: len(backbone.body)].state_dict())
+        backbone.body.load_state_dict(reference[: len(backbone.body)].state_dict())
     else:
         starts = (0,) + _MOBILENET_V2_STAGE_ENDS[:-1]
         for stage, a, b in zip(backbone.stages, starts, _MOBILENET_V2_STAGE_ENDS):
-            stage.load_state_dict(reference.features[a:b].state_dict())
+            stage.load_state_dict(reference[a:b].state_dict())

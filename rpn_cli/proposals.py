@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
-from torchvision.ops import batched_nms, nms
 
 from .boxes import DEFAULT_DELTA_CLAMP, clip_boxes, decode_deltas, valid_box_mask
 from .errors import UsageError
@@ -80,12 +79,19 @@ def proposals_for_image(
     if boxes.shape[0] == 0:
         return boxes.reshape(0, 4), score
     if settings.nms_per_level:
-        keep = batched_nms(boxes, score, level_ids, settings.nms_iou)[: settings.post_nms_top_n]
+        keep = _torchvision_ops().batched_nms(boxes, score, level_ids, settings.nms_iou)[: settings.post_nms_top_n]
     elif boxes.is_cuda:
-        keep = nms(boxes, score, settings.nms_iou)[: settings.post_nms_top_n]
+        keep = _torchvision_ops().nms(boxes, score, settings.nms_iou)[: settings.post_nms_top_n]
     else:
         keep = greedy_nms(boxes, score, settings.nms_iou, settings.post_nms_top_n)
     return boxes[keep], score[keep]
+
+
+def _torchvision_ops():
+    # Imported where needed only: importing torchvision costs a second of start-up (see mobilenet.py).
+    from torchvision import ops
+
+    return ops
 
 
 def _filter_then_top_n(scores, deltas, anchors, image_height, image_width, settings, box_weights, delta_clamp,

@@ -1,0 +1,76 @@
+"""Our MobileNetV2 trunk and feature pyramid against torchvision's modules, and the import they spare."""
+
+import subprocess
+import sys
+
+import torch
+from torchvision.models import mobilenet_v2
+from torchvision.ops import FeaturePyramidNetwork
+
+from rpn_cli.backbones import build_backbone, load_imagenet_weights
+from rpn_cli.images import load_image
+from rpn_cli.mobilenet import FeaturePyramid, mobilenet_v2_features
+from rpn_cli.model import imagenet_preprocess
+from rpn_cli.preprocess import prepare_image
+
+from conftest import ROOT, SAMPLES
+
+
+def _photo() -> torch.Tensor:
+    return prepare_image(load_image(SAMPLES / "chelsea.jpg"), imagenet_preprocess(320, 640)).tensor[None]
+
+
+def test_mobilenet_v2_features_equal_torchvision():
+    torch.manual_seed(0)
+    reference = mobilenet_v2(weights=None).features.eval()
+    ours = mobilenet_v2_features().eval()
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    # Random BatchNorm statistics, so that a misplaced BatchNorm or ReLU6 shows.
+    state = {key: torch.rand_like(value) + 0.5 if value.is_floating_point() and "running_var" in key
+             else torch.randn_like(value) * 0.1 if value.is_floating_point() else value
+             for key, value in reference.state_dict().items()}
+    reference.load_state_dict(state)
+    ours.load_state_dict(state)
+    image = _photo()
+    with torch.no_grad():
+        for index in (7, 14, 18, 19):
+            torch.testing.assert_close(ours[:index](image), reference[:index](image), rtol=0, atol=0)
+
+
+def test_feature_pyramid_equals_torchvision():
+    torch.manual_seed(0)
+    channels = [32, 96, 320]
+    reference = FeaturePyramidNetwork(channels, 64)
+    ours = FeaturePyramid(channels, 64)
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    ours.load_state_dict(reference.state_dict())
+    # Odd sizes: the upsampled map must take the lateral map's size, not twice its own.
+    features = [torch.randn(1, 32, 41, 55), torch.randn(1, 96, 21, 28), torch.randn(1, 320, 11, 14)]
+    expected = list(reference({str(i): f for i, f in enumerate(features)}).values())
+    with torch.no_grad():
+        for a, b in zip(ours(features), expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_imagenet_weights_load_into_our_trunk(tmp_path):
+    torch.manual_seed(1)
+    reference = mobilenet_v2(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "mobilenet_v2.pth")
+    backbone = build_backbone({"name": "mobilenet_v2_fpn", "fpn_channels": 64})
+    load_imagenet_weights(backbone, {"name": "mobilenet_v2_fpn"}, tmp_path / "mobilenet_v2.pth")
+    stage_two = backbone.stages[1].state_dict()
+    assert stage_two and all(torch.equal(value, reference.state_dict()[f"features.{key}"])
+                             for key, value in stage_two.items())
+
+
+def test_propose_with_our_checkpoints_does_not_import_torchvision(tmp_path):
+    script = ("import runpy, sys\n"
+              f"sys.argv = ['rpn', 'propose', {str(SAMPLES / 'coffee.jpg')!r}, '-q', '--out', {str(tmp_path)!r},"
+              " '--format', 'json,png,coco']\n"
+              "try:\n    runpy.run_module('rpn_cli', run_name='__main__')\nexcept SystemExit as end:\n"
+              "    assert not end.code, end.code\n"
+              "print(sorted(name for name in sys.modules if name.split('.')[0] == 'torchvision'))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.stdout.strip() == "[]", result.stdout
+    assert (tmp_path / "coffee.png").exists()
