@@ -163,6 +163,33 @@ class RegionProposalNetwork(nn.Module):
         return flatten_outputs(self.spec, self.raw_outputs(images), tuple(images.shape[2:]))
 
 
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold each inference-mode BatchNorm into the convolution that feeds it; returns how many.
+
+    A convolution feeds a BatchNorm when it comes right before it in an ``nn.Sequential``,
+    or, in torchvision's ResNet blocks, when they are named ``conv<k>`` and ``bn<k>``.
+    For inference only: the folded model computes the same function with one layer fewer.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = []
+    for parent in module.modules():
+        names = list(parent._modules)
+        if isinstance(parent, nn.Sequential):
+            pairs.extend((parent, a, b) for a, b in zip(names, names[1:]))
+        else:
+            pairs.extend((parent, name, "bn" + name[4:]) for name in names
+                         if name.startswith("conv") and name[4:].isdigit() and "bn" + name[4:] in names)
+    folded = 0
+    for parent, conv_name, norm_name in pairs:
+        conv, norm = parent._modules[conv_name], parent._modules[norm_name]
+        if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and not norm.training:
+            parent._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
+            parent._modules[norm_name] = nn.Identity()
+            folded += 1
+    return folded
+
+
 def flatten_outputs(spec: ModelSpec, raw: list[torch.Tensor], image_size: tuple[int, int]) -> list[LevelOutput]:
     """Per-level :class:`LevelOutput` from :meth:`RegionProposalNetwork.raw_outputs` (or an exported
     model's outputs), with the anchors of each level for a padded batch of ``image_size`` (H, W)."""

@@ -1,8 +1,10 @@
-"""Our MobileNetV2 trunk and feature pyramid against torchvision's modules, and the import they spare."""
+"""Our MobileNetV2 trunk and feature pyramid against torchvision's modules, the import they spare,
+and BatchNorm folding for inference."""
 
 import subprocess
 import sys
 
+import pytest
 import torch
 from torchvision.models import mobilenet_v2
 from torchvision.ops import FeaturePyramidNetwork
@@ -10,7 +12,13 @@ from torchvision.ops import FeaturePyramidNetwork
 from rpn_cli.backbones import build_backbone, load_imagenet_weights
 from rpn_cli.images import load_image
 from rpn_cli.mobilenet import FeaturePyramid, mobilenet_v2_features
-from rpn_cli.model import imagenet_preprocess
+from rpn_cli.model import (
+    RegionProposalNetwork,
+    default_mobilenet_spec,
+    fold_batchnorm,
+    imagenet_preprocess,
+    seed_project_spec,
+)
 from rpn_cli.preprocess import prepare_image
 
 from conftest import ROOT, SAMPLES
@@ -74,3 +82,23 @@ def test_propose_with_our_checkpoints_does_not_import_torchvision(tmp_path):
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.stdout.strip() == "[]", result.stdout
     assert (tmp_path / "coffee.png").exists()
+
+
+@pytest.mark.parametrize("spec", [default_mobilenet_spec, seed_project_spec], ids=["mobilenet_v2_fpn", "resnet50-c4"])
+def test_folding_batchnorm_keeps_the_outputs(spec):
+    torch.manual_seed(0)
+    model = RegionProposalNetwork(spec())
+    for layer in model.modules():  # BatchNorm statistics far from identity, so that folding matters
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+            layer.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    norms = sum(isinstance(layer, torch.nn.BatchNorm2d) for layer in model.modules())
+    image = _photo()
+    with torch.no_grad():
+        expected = model.raw_outputs(image)
+        assert fold_batchnorm(model) == norms
+        assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in model.modules())
+        for a, b in zip(model.raw_outputs(image), expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
