@@ -81,7 +81,7 @@ def propose(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="The network's precision: auto (bfloat16 on CPUs that have it, float16 on CUDA), float32, bfloat16, float16. Decoding and NMS stay float32.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
-    workers: Annotated[int, typer.Option(min=0, help="Threads decoding images while the model runs.")] = 2,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Threads decoding images while the model runs. [default: the cores the network leaves free; 0 decodes between images]")] = None,
     pre_nms_top_n: Annotated[Optional[int], typer.Option("--pre-nms-top-n", help="Boxes kept before NMS (per level). [default: checkpoint's, 3000]")] = None,
     post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Boxes kept after NMS. [default: checkpoint's, 300]")] = None,
     nms_iou: Annotated[Optional[float], typer.Option("--nms-iou", help="NMS IoU threshold. [default: checkpoint's, 0.7]")] = None,
@@ -95,7 +95,7 @@ def propose(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Propose object boxes for images: JSON Lines on stdout, or files in --out."""
-    from .devices import resolve_device
+    from .devices import default_decode_workers, resolve_device
     from .export import load_model
     from .inputs import expand_inputs, read_manifest
     from .outputs import check_output_names, parse_formats
@@ -121,6 +121,8 @@ def propose(
         if out is not None and "jsonl" in formats:
             raise UsageError("jsonl goes to stdout; with --out use json, png or coco")
         model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision)
+        if workers is None:
+            workers = default_decode_workers(model.device)
         settings = model.spec.proposal_settings(
             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
             min_score=min_score,

@@ -1,4 +1,6 @@
-"""The one place that decides which device the model runs on."""
+"""The one place that decides which device the model runs on, and what runs beside it."""
+
+import os
 
 import torch
 
@@ -39,3 +41,16 @@ def autocast(device: torch.device, precision: str):
     """The autocast context for ``precision`` (a no-op for float32)."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def default_decode_workers(device: torch.device) -> int:
+    """Threads decoding images beside the model: the cores the network leaves free.
+
+    On a CPU the network's own threads take every core, and decoding threads beside them
+    only contend (measured on 2 cores: 81 ms an image with 2 threads, 62 ms with none,
+    ``benchmarks/benchmark_propose.py``); on CUDA the host cores are free to decode.
+    """
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(4, cores)
+    return max(0, cores - torch.get_num_threads())

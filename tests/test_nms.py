@@ -44,3 +44,14 @@ def test_ties_keep_torchvisions_order():
 
 def test_empty_input():
     assert greedy_nms(torch.zeros(0, 4), torch.zeros(0), 0.7, 300).numel() == 0
+
+
+@pytest.mark.parametrize("window", [1, 7, 64])
+def test_small_windows_give_the_same_answer(window):
+    """Boxes suppressed by boxes kept in earlier windows: the path where the window grows."""
+    generator = torch.Generator().manual_seed(3)
+    boxes = _clustered_boxes(generator, 2000)
+    scores = torch.rand(2000, generator=generator)
+    for threshold, max_keep in ((0.7, 300), (0.5, 2000)):
+        expected = nms(boxes, scores, threshold)[:max_keep]
+        assert torch.equal(greedy_nms(boxes, scores, threshold, max_keep, window=window), expected)

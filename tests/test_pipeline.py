@@ -37,3 +37,16 @@ def test_memory_stays_flat_over_thousands_of_images(tmp_path, small_checkpoint):
     assert len(list((tmp_path / "out-many").glob("*.json"))) == 1200
     # 20 times the images, at most 60 MiB more at the peak (nothing accumulates per image).
     assert peak_many - peak_few < 60 * 1024, (peak_few, peak_many)
+
+
+def test_decode_workers_take_the_cores_the_network_leaves(monkeypatch):
+    import torch
+
+    from rpn_cli.devices import default_decode_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert default_decode_workers(torch.device("cpu")) == 6
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_decode_workers(torch.device("cpu")) == 0
+    assert default_decode_workers(torch.device("cuda")) == 4
