@@ -8,7 +8,8 @@ Each part runs in its own process (so each has its own peak memory) on the same 
   selective  OpenCV's Selective Search, fast mode (needs the bench extra: opencv-contrib-python-headless)
   seed       the seed document's RPN code (tests/seed_reference.py), one image at a time, float32,
              ResNet-50 C4 with random weights in the seed project's layout
-  ours-c4    our `resnet50-c4` on a checkpoint converted from that same state dict
+  ours-c4    our `resnet50-c4` on a checkpoint converted from that same state dict, as `rpn propose`
+             runs it (precision auto: bfloat16 on CPUs that have it) and in float32
   ray        `rpn propose --engine ray` on the same images (local Ray, all cores; needs the ray extra),
              against ours-cli: the Ray engine's overhead on one machine
 Prints a Markdown report (and --json FILE writes the figures).
@@ -134,17 +135,19 @@ def part_seed(files, seed_state, **_):
     return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results}
 
 
-def part_ours_c4(files, c4_checkpoint, out_dir, **_):
+def part_ours_c4(files, c4_checkpoint, precision, **_):
+    from rpn_cli.devices import default_decode_workers
     from rpn_cli.engine import propose_images
     from rpn_cli.export import load_model
     from rpn_cli.inputs import expand_inputs
 
-    model = load_model(c4_checkpoint, "cpu", "auto")  # as rpn propose runs it
+    model = load_model(c4_checkpoint, "cpu", precision)  # as rpn propose --precision PRECISION runs it
     settings = model.spec.proposal_settings()
     items = expand_inputs([str(f) for f in files])
+    workers = default_decode_workers(model.device)
     started = time.perf_counter()
-    results = {r.item.given: r.proposals.boxes.tolist() for r in propose_images(items, model, settings, workers=1)}
-    return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results}
+    results = {r.item.given: r.proposals.boxes.tolist() for r in propose_images(items, model, settings, workers=workers)}
+    return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results, "precision": model.precision}
 
 
 PARTS = {"ours-split": part_ours_split, "ours-cli": part_ours_cli, "selective": part_selective,
@@ -222,8 +225,10 @@ def main() -> None:
             convert_seed_project(seed_state, c4)
             print("running the seed's code and our resnet50-c4...", file=sys.stderr)
             figures["seed"] = _run_part("seed", {**common, "seed_state": str(seed_state)})
-            figures["ours-c4"] = _run_part("ours-c4", {**common, "c4_checkpoint": str(c4), "out_dir": str(scratch)})
-            figures["c4_matched_share"] = _matched_share(figures["seed"].pop("boxes"), figures["ours-c4"].pop("boxes"))
+            seed_boxes = figures["seed"].pop("boxes")
+            for name, precision in (("ours-c4", "auto"), ("ours-c4-float32", "float32")):
+                figures[name] = _run_part("ours-c4", {**common, "c4_checkpoint": str(c4), "precision": precision})
+                figures[name]["matched_share"] = _matched_share(seed_boxes, figures[name].pop("boxes"))
     report(figures, files, args.images)
     if args.json:
         args.json.write_text(json.dumps({"machine": _machine(), **figures}, indent=2))
@@ -242,7 +247,8 @@ def report(figures: dict, files: list, folder: Path) -> None:
                         ("selective", "Selective Search (OpenCV, fast)"),
                         ("ray", "rpn propose --engine ray (local Ray), end to end incl. start-up"),
                         ("seed", "seed's RPN code, ResNet-50 C4"),
-                        ("ours-c4", "our resnet50-c4, same weights")):
+                        ("ours-c4", "our resnet50-c4, same weights, as rpn propose runs it"),
+                        ("ours-c4-float32", "our resnet50-c4, same weights, --precision float32")):
         if name in figures:
             print(f"| {label} | {per_image(name):.3f} | {1 / per_image(name):.2f} | {figures[name]['peak_mib']:.0f} |")
     print()
@@ -254,9 +260,11 @@ def report(figures: dict, files: list, folder: Path) -> None:
         overhead = figures["ray"]["seconds"] - figures["ours-cli"]["seconds"]
         print(f"- Ray engine / local engine, wall time: {figures['ray']['seconds'] / figures['ours-cli']['seconds']:.2f}x "
               f"({overhead:+.1f} s for {len(files)} images)")
-    if "seed" in figures:
-        print(f"- seed code / our resnet50-c4: {per_image('seed') / per_image('ours-c4'):.2f}x; "
-              f"seed boxes matched by ours at IoU >= 0.95: {figures['c4_matched_share']:.1%}")
+    for name in ("ours-c4", "ours-c4-float32"):
+        if name in figures:
+            print(f"- seed code / our resnet50-c4 ({figures[name]['precision']}): "
+                  f"{per_image('seed') / per_image(name):.2f}x; seed boxes matched by ours at IoU >= 0.95: "
+                  f"{figures[name]['matched_share']:.1%}")
     if "ours-split" in figures:
         split = figures["ours-split"]
         parts = {k: split[k] for k in ("decode", "model", "proposal_layer", "writing")}

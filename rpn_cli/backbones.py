@@ -3,8 +3,8 @@
 A backbone is an ``nn.Module`` whose ``forward(images)`` returns a list of
 feature maps, finest first, with ``strides`` and ``out_channels`` lists, and
 ``channels_last``: whether inference runs it in channels-last memory format
-(measured faster on CPU for MobileNetV2; others keep torchvision's layout,
-which also keeps their outputs bit-identical to torchvision's). Builders
+(measured faster on CPU for MobileNetV2 and ResNet-50 C4; torchvision's detectors
+keep their layout, which also keeps their outputs bit-identical to torchvision's). Builders
 take the backbone's JSON description (``{"name": ..., **options}``) and build
 it with random weights; :func:`load_imagenet_weights` fills a trunk from
 torchvision's ImageNet state dict on disk.
@@ -97,7 +97,8 @@ def _seed_project_resnet50_c4() -> nn.Sequential:
 
 @register_backbone("resnet50-c4")
 def _build_resnet50_c4(description: dict) -> nn.Module:
-    return SingleLevelBackbone(_seed_project_resnet50_c4(), stride=16, channels=1024)
+    # Channels-last: 510 -> 435 ms float32, 279 -> 207 ms bfloat16 at 600 x 800 here (BatchNorm folded).
+    return SingleLevelBackbone(_seed_project_resnet50_c4(), stride=16, channels=1024, channels_last=True)
 
 
 @register_backbone("vgg16")
