@@ -190,3 +190,18 @@ def test_training_with_a_teacher_labels_unlabeled_folders(tmp_path, teacher_mode
     labelled_by_teacher = [key for key in cache if key.startswith(str(unlabeled))]
     assert len(labelled_by_teacher) == 2
     assert all(len(cache[key]) > 0 for key in labelled_by_teacher)
+
+
+def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path):
+    folder = _synthetic_dataset(tmp_path / "data")
+    images = load_coco(folder / "instances.json")
+    train_part, _ = split_validation(images, 1, seed=0)
+    broken = train_part[0].path
+    broken.write_bytes(b"not a jpeg")
+    config = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "work"), epochs=1,
+                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1)
+    events = []
+    train(config, _small_spec(), torch.device("cpu"), events.append)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any(broken.name in message for message in warnings), warnings
+    assert (tmp_path / "work" / "final.safetensors").exists()
