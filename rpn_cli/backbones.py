@@ -159,6 +159,8 @@ class TorchvisionFPNBackbone(nn.Module):
         self.strides = list(TORCHVISION_ARCHS[arch])
         self.out_channels = [detector_backbone.out_channels] * len(self.strides)
         self.channels_last = False
+        # Unfolded BatchNorm too: float32 outputs stay bit-identical to torchvision's model.rpn.
+        self.foldable = False
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.fpn(self.body(images)).values())

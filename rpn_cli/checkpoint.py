@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -148,13 +149,35 @@ def convert_seed_project(source: str | Path, destination: str | Path) -> ModelSp
     spec.provenance = {"converted_from": str(source), "source_format": "seed-project",
                        "note": "anchors in the seed project's transposed x/y order; RGB/255 input, no mean"}
     model = RegionProposalNetwork(spec)
-    # BatchNorm's num_batches_tracked is absent from some exports and unused at inference.
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in tensors:
-            tensors[key] = value
+    _fill_batches_tracked(model, tensors)
     load_state_strict(model, tensors, str(source), _seed_project_key)
     save_checkpoint(model, destination, spec)
     return spec
+
+
+def _fill_batches_tracked(model: RegionProposalNetwork, tensors: dict) -> None:
+    """BatchNorm's ``num_batches_tracked``, unused at inference, is absent from some files (frozen
+    BatchNorm, as in torchvision's pretrained detectors, has none): take the model's own."""
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in tensors:
+            tensors[key] = value
+
+
+# torchvision before 0.13 saved the RPN head's conv and the FPN's convs without the ``.0`` of
+# Conv2dNormActivation (its hosted COCO weights still do); torchvision renames them on load, as here.
+_OLD_TORCHVISION_KEY = re.compile(r"^(rpn\.head\.conv|backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$")
+
+
+def _current_torchvision_layout(state: dict) -> dict:
+    renamed = {}
+    for key, value in state.items():
+        old = _OLD_TORCHVISION_KEY.match(key)
+        if old and old.group(1) == "rpn.head.conv":
+            key = f"rpn.head.conv.0.0.{old.group(2)}"
+        elif old:
+            key = f"{old.group(1)}.0.{old.group(2)}"
+        renamed[key] = value
+    return renamed
 
 
 def _seed_project_key(key: str) -> str:
@@ -224,7 +247,7 @@ def _torchvision_key(key: str) -> str:
 def convert_torchvision(source: str | Path, destination: str | Path, arch: str) -> ModelSpec:
     """Import a torchvision Faster R-CNN state dict (backbone, FPN and RPN; the ROI heads are ignored)."""
     source = Path(source)
-    state = read_torch_state_dict(source)
+    state = _current_torchvision_layout(read_torch_state_dict(source))
     spec = torchvision_spec(arch)
     tensors = {}
     for key, tensor in state.items():
@@ -241,6 +264,7 @@ def convert_torchvision(source: str | Path, destination: str | Path, arch: str) 
             tensors["head.loc." + key.rsplit(".", 1)[1]] = tensor
     spec.provenance = {"converted_from": str(source), "source_format": "torchvision", "arch": arch}
     model = RegionProposalNetwork(spec)
+    _fill_batches_tracked(model, tensors)
     load_state_strict(model, tensors, str(source), _torchvision_key)
     save_checkpoint(model, destination, spec)
     return spec

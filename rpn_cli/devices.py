@@ -50,7 +50,7 @@ def default_decode_workers(device: torch.device) -> int:
     only contend (measured on 2 cores: 81 ms an image with 2 threads, 62 ms with none,
     ``benchmarks/benchmark_propose.py``); on CUDA the host cores are free to decode.
     """
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return min(4, cores)
-    return max(0, cores - torch.get_num_threads())
+    return min(4, max(0, cores - torch.get_num_threads()))

@@ -54,7 +54,7 @@ def propose_images(
     model: RegionProposalNetwork,
     settings: ProposalSettings,
     batch_size: int = 1,
-    workers: int = 2,
+    workers: int = 0,
     top_k: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     timings: Timings | None = None,

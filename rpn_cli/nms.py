@@ -36,12 +36,15 @@ def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     Equals ``torchvision.ops.nms(boxes, scores, iou_threshold)[:max_keep]``. ``window``: how many
     boxes are looked at first (the window doubles while fewer than ``max_keep`` are kept).
     """
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
     if boxes.numel() == 0 or max_keep <= 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     ordered = boxes[order].to(torch.float32).cpu().numpy()
     areas = (ordered[:, 2] - ordered[:, 0]) * (ordered[:, 3] - ordered[:, 1])
-    threshold = np.float32(iou_threshold)
+    # torchvision compares the float32 IoU with the threshold as a double: so does a float64 scalar here.
+    threshold = np.float64(iou_threshold)
     count = ordered.shape[0]
     keep: list[int] = []
     start = 0

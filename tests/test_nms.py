@@ -55,3 +55,16 @@ def test_small_windows_give_the_same_answer(window):
     for threshold, max_keep in ((0.7, 300), (0.5, 2000)):
         expected = nms(boxes, scores, threshold)[:max_keep]
         assert torch.equal(greedy_nms(boxes, scores, threshold, max_keep, window=window), expected)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.7])
+def test_an_overlap_equal_to_the_threshold_in_float32(threshold):
+    """IoU 0.3 (or 0.6) in float32 is above the double 0.3 (0.6): torchvision suppresses, so must we."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 1.0], [0.0, 0.0, 10.0 * threshold, 1.0]])
+    scores = torch.tensor([1.0, 0.5])
+    assert torch.equal(greedy_nms(boxes, scores, threshold, 10), nms(boxes, scores, threshold))
+
+
+def test_a_window_below_one_is_refused():
+    with pytest.raises(ValueError, match="window"):
+        greedy_nms(torch.zeros(1, 4), torch.zeros(1), 0.7, 10, window=0)

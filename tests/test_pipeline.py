@@ -44,9 +44,13 @@ def test_decode_workers_take_the_cores_the_network_leaves(monkeypatch):
 
     from rpn_cli.devices import default_decode_workers
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert default_decode_workers(torch.device("cpu")) == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert default_decode_workers(torch.device("cpu")) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert default_decode_workers(torch.device("cpu")) == 4  # capped
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert default_decode_workers(torch.device("cpu")) == 0
     assert default_decode_workers(torch.device("cuda")) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_decode_workers(torch.device("cuda")) == 2

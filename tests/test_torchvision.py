@@ -11,6 +11,7 @@ from rpn_cli import cli
 from rpn_cli.backbones import TORCHVISION_ARCHS
 from rpn_cli.checkpoint import convert_torchvision, load_checkpoint
 from rpn_cli.errors import CheckpointError
+from rpn_cli.export import load_model
 from rpn_cli.predict import proposals_for_batch
 from rpn_cli.preprocess import prepare_image
 
@@ -44,7 +45,7 @@ def converted(request, tmp_path_factory):
 
 def test_proposals_equal_torchvision(converted):
     arch, detector, folder = converted
-    model = load_checkpoint(folder / "rpn.safetensors")
+    model = load_model(folder / "rpn.safetensors", "cpu", "float32")  # as rpn propose --precision float32 loads it
     photos = [Image.open(SAMPLES / name).convert("RGB") for name in IMAGES]
     photos.append(photos[1].transpose(Image.Transpose.ROTATE_90))
     for photo in photos:
@@ -84,3 +85,29 @@ def test_missing_or_mis_shaped_keys_are_named(tmp_path):
                                           str(tmp_path / "out.safetensors"), "--arch", "fasterrcnn_mobilenet_v3_large_320_fpn"])
     assert result.exit_code == 3 and "inner_blocks.0.0.weight" in result.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_old_layout_and_frozen_batchnorm_files_convert(tmp_path):
+    """torchvision's hosted COCO weights: keys saved before Conv2dNormActivation (``rpn.head.conv.weight``,
+    ``fpn.inner_blocks.0.weight``) and frozen BatchNorm without ``num_batches_tracked``."""
+    arch = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    torch.manual_seed(0)
+    state = getattr(detection, arch)(weights=None, weights_backbone=None).state_dict()
+    torch.save(state, tmp_path / "current.pth")
+    old = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        for blocks in ("inner_blocks", "layer_blocks"):
+            for index in range(3):
+                key = key.replace(f"fpn.{blocks}.{index}.0.", f"fpn.{blocks}.{index}.")
+        old[key] = value
+    assert "rpn.head.conv.weight" in old and "backbone.fpn.inner_blocks.0.weight" in old
+    torch.save(old, tmp_path / "old.pth")
+    convert_torchvision(tmp_path / "current.pth", tmp_path / "current.safetensors", arch)
+    convert_torchvision(tmp_path / "old.pth", tmp_path / "old.safetensors", arch)
+    expected = load_checkpoint(tmp_path / "current.safetensors").state_dict()
+    actual = load_checkpoint(tmp_path / "old.safetensors").state_dict()
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
