@@ -72,11 +72,13 @@ def test_imagenet_weights_load_into_our_trunk(tmp_path):
 
 
 def test_propose_with_our_checkpoints_does_not_import_torchvision(tmp_path):
-    script = ("import runpy, sys\n"
-              f"sys.argv = ['rpn', 'propose', {str(SAMPLES / 'coffee.jpg')!r}, '-q', '--out', {str(tmp_path)!r},"
-              " '--format', 'json,png,coco']\n"
-              "try:\n    runpy.run_module('rpn_cli', run_name='__main__')\nexcept SystemExit as end:\n"
-              "    assert not end.code, end.code\n"
+    # A fresh interpreter, the command run in-process (the entry point would exit before we look).
+    script = ("import sys\n"
+              "from typer.testing import CliRunner\n"
+              "from rpn_cli.cli import app\n"
+              f"result = CliRunner().invoke(app, ['propose', {str(SAMPLES / 'coffee.jpg')!r}, '-q', '--out', "
+              f"{str(tmp_path)!r}, '--format', 'json,png,coco'])\n"
+              "assert result.exit_code == 0, result.output\n"
               "print(sorted(name for name in sys.modules if name.split('.')[0] == 'torchvision'))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
