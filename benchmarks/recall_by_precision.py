@@ -13,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rpn_cli.checkpoint import read_spec  # noqa: E402
 from rpn_cli.data import load_coco  # noqa: E402
 from rpn_cli.evaluate import average_recall_report, proposals_from_model  # noqa: E402
 from rpn_cli.export import load_model  # noqa: E402
@@ -26,10 +27,10 @@ def main() -> None:
     args = parser.parse_args()
     print("| precision | AR@10 | AR@100 | AR@300 | s / image (whole eval) |")
     print("|---|---|---|---|---|")
+    wanted = set(read_spec(args.checkpoint).provenance.get("validation_images", []))
+    images = [image for image in load_coco(args.annotations) if image.image_id in wanted]
     for precision in ("float32", "bfloat16"):
         model = load_model(args.checkpoint, "cpu", precision)
-        wanted = set(model.spec.provenance.get("validation_images", []))
-        images = [image for image in load_coco(args.annotations) if image.image_id in wanted]
         started = time.perf_counter()
         found = proposals_from_model(model, images, model.spec.proposal_settings())
         seconds = (time.perf_counter() - started) / len(images)

@@ -111,6 +111,7 @@ def _build_vgg16(description: dict) -> nn.Module:
 
 # torchvision's MobileNetV2 ``features`` indices where the stride-8, -16 and -32 maps end.
 _MOBILENET_V2_STAGE_ENDS = (7, 14, 18)
+_MOBILENET_V2_STAGE_STARTS = (0,) + _MOBILENET_V2_STAGE_ENDS[:-1]
 _MOBILENET_V2_STAGE_CHANNELS = (32, 96, 320)
 
 
@@ -123,8 +124,7 @@ def _build_mobilenet_v2(description: dict) -> nn.Module:
 @register_backbone("mobilenet_v2_fpn")
 def _build_mobilenet_v2_fpn(description: dict) -> nn.Module:
     features = mobilenet_v2_features()
-    starts = (0,) + _MOBILENET_V2_STAGE_ENDS[:-1]
-    stages = nn.ModuleList(features[a:b] for a, b in zip(starts, _MOBILENET_V2_STAGE_ENDS))
+    stages = nn.ModuleList(features[a:b] for a, b in zip(_MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS))
     return PyramidBackbone(
         stages, list(_MOBILENET_V2_STAGE_CHANNELS), [8, 16, 32], int(description.get("fpn_channels", 128))
     )
@@ -191,6 +191,5 @@ def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) ->
     if isinstance(backbone, SingleLevelBackbone):
         backbone.body.load_state_dict(reference[: len(backbone.body)].state_dict())
     else:
-        starts = (0,) + _MOBILENET_V2_STAGE_ENDS[:-1]
-        for stage, a, b in zip(backbone.stages, starts, _MOBILENET_V2_STAGE_ENDS):
+        for stage, a, b in zip(backbone.stages, _MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS):
             stage.load_state_dict(reference[a:b].state_dict())

@@ -138,21 +138,26 @@ def read_torch_state_dict(path: Path) -> dict:
 def convert_seed_project(source: str | Path, destination: str | Path) -> ModelSpec:
     """Import a seed-project state dict (``extractor.*``, ``rpn.conv1|score|loc.*``) into our format."""
     source = Path(source)
-    state = read_torch_state_dict(source)
-    tensors = {}
-    for key, tensor in state.items():
-        if key.startswith("extractor."):
-            tensors["backbone.body." + key[len("extractor."):]] = tensor
-        elif key.startswith(("rpn.conv1.", "rpn.score.", "rpn.loc.")):
-            tensors["head." + key[len("rpn."):]] = tensor
     spec = seed_project_spec()
     spec.provenance = {"converted_from": str(source), "source_format": "seed-project",
                        "note": "anchors in the seed project's transposed x/y order; RGB/255 input, no mean"}
-    model = RegionProposalNetwork(spec)
-    _fill_batches_tracked(model, tensors)
-    load_state_strict(model, tensors, str(source), _seed_project_key)
+    model = _import_state(spec, read_torch_state_dict(source), source,
+                          ("extractor.", "rpn.conv1.", "rpn.score.", "rpn.loc."), _seed_project_key)
     save_checkpoint(model, destination, spec)
     return spec
+
+
+def _import_state(spec: ModelSpec, state: dict, source: Path, imported_prefixes: tuple[str, ...],
+                  name_in_source: Callable[[str], str]) -> RegionProposalNetwork:
+    """Our model for ``spec`` holding ``state``, another project's state dict whose names for our
+    parameters ``name_in_source`` gives. Its keys under ``imported_prefixes`` are what is imported
+    (one no parameter of ours takes is an error); the rest (e.g. a detector's ROI heads) is ignored."""
+    model = RegionProposalNetwork(spec)
+    ours = {name_in_source(key): key for key in model.state_dict()}
+    tensors = {ours.get(key, key): tensor for key, tensor in state.items() if key.startswith(imported_prefixes)}
+    _fill_batches_tracked(model, tensors)
+    load_state_strict(model, tensors, str(source), name_in_source)
+    return model
 
 
 def _fill_batches_tracked(model: RegionProposalNetwork, tensors: dict) -> None:
@@ -231,7 +236,8 @@ def torchvision_spec(arch: str) -> ModelSpec:
 
 
 def _torchvision_key(key: str) -> str:
-    """Our head's parameter name as a torchvision detector's state dict spells it."""
+    """Our parameter name as a torchvision detector's state dict spells it (the backbone's are the same;
+    torchvision's head convs are ``Conv2dNormActivation``, hence the ``.0``)."""
     if key.startswith("head.conv1."):
         return "rpn.head.conv.0.0." + key[len("head.conv1."):]
     if key.startswith("head.more_convs."):
@@ -247,24 +253,10 @@ def _torchvision_key(key: str) -> str:
 def convert_torchvision(source: str | Path, destination: str | Path, arch: str) -> ModelSpec:
     """Import a torchvision Faster R-CNN state dict (backbone, FPN and RPN; the ROI heads are ignored)."""
     source = Path(source)
-    state = _current_torchvision_layout(read_torch_state_dict(source))
     spec = torchvision_spec(arch)
-    tensors = {}
-    for key, tensor in state.items():
-        if key.startswith(("backbone.body.", "backbone.fpn.")):
-            tensors[key] = tensor
-        elif key.startswith("rpn.head.conv."):
-            # torchvision: rpn.head.conv.<i>.0.<weight|bias> (Conv2dNormActivation); ours: conv1, more_convs.<i-1>
-            index, rest = key[len("rpn.head.conv."):].split(".", 1)
-            name = "conv1" if index == "0" else f"more_convs.{int(index) - 1}"
-            tensors[f"head.{name}.{rest.split('.', 1)[1]}"] = tensor
-        elif key.startswith("rpn.head.cls_logits."):
-            tensors["head.score." + key.rsplit(".", 1)[1]] = tensor
-        elif key.startswith("rpn.head.bbox_pred."):
-            tensors["head.loc." + key.rsplit(".", 1)[1]] = tensor
     spec.provenance = {"converted_from": str(source), "source_format": "torchvision", "arch": arch}
-    model = RegionProposalNetwork(spec)
-    _fill_batches_tracked(model, tensors)
-    load_state_strict(model, tensors, str(source), _torchvision_key)
+    state = _current_torchvision_layout(read_torch_state_dict(source))
+    model = _import_state(spec, state, source, ("backbone.body.", "backbone.fpn.", "rpn.head.conv.",
+                                                "rpn.head.cls_logits.", "rpn.head.bbox_pred."), _torchvision_key)
     save_checkpoint(model, destination, spec)
     return spec

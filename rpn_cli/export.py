@@ -88,6 +88,7 @@ class ExportedRegionProposalNetwork:
     :class:`RegionProposalNetwork` is (``spec``, ``device``, ``channels_last``, calling it)."""
 
     channels_last = False
+    precision = "float32"  # exported files run as they were exported
 
     def __init__(self, path: str | Path, device: torch.device):
         self.path = Path(path)

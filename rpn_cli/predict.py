@@ -38,7 +38,7 @@ def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> 
     batch = batch.to(device, non_blocking=True)
     if model.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(device, getattr(model, "precision", "float32")):
+    with torch.inference_mode(), autocast(device, model.precision):
         return model(batch)
 
 
