@@ -179,6 +179,16 @@ def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage
     return average_recall_report(images, found, (10, 100, 300))
 
 
+def _provenance_summary(provenance: dict) -> dict:
+    """What a checkpoint started from: its training command, data and figures, and what it itself
+    started from (the per-epoch history is left out)."""
+    summary = {key: provenance[key] for key in ("command", "data", "training_images", "validation", "after_training",
+                                                 "initialised_from") if key in provenance}
+    if "history" in provenance:
+        summary["epochs"] = len(provenance["history"])
+    return summary
+
+
 def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
     """Train (or resume) and write ``work_dir/final.safetensors``; returns the last validation report."""
     work_dir = Path(config.work_dir)
@@ -200,9 +210,11 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     if not samples:
         raise UsageError("no training images")
 
+    initialised_from = None
     if config.init_checkpoint:
         model = load_checkpoint(config.init_checkpoint, "cpu")
         spec = model.spec
+        initialised_from = _provenance_summary(spec.provenance)
     else:
         model = RegionProposalNetwork(spec)
         if config.backbone_weights:
@@ -295,6 +307,8 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         "history": history,
         "validation": last_report,
     }
+    if initialised_from is not None:
+        spec.provenance["initialised_from"] = initialised_from
     model.spec = spec
     save_checkpoint(model, work_dir / "final.safetensors", spec)
     return last_report

@@ -156,6 +156,24 @@ def test_train_writes_a_checkpoint_and_resumes(tmp_path):
     assert provenance["validation"] == report and "AR@100" in report
 
 
+def test_a_run_from_init_records_what_it_started_from(tmp_path):
+    folder = _synthetic_dataset(tmp_path / "data")
+    first = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "first"), epochs=1,
+                        batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, command="first run")
+    first_report = train(first, _small_spec(), torch.device("cpu"))
+    second = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "second"), epochs=1,
+                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, command="second run",
+                         init_checkpoint=str(tmp_path / "first" / "final.safetensors"))
+    train(second, _small_spec(), torch.device("cpu"))
+    from rpn_cli.checkpoint import read_spec
+
+    provenance = read_spec(tmp_path / "second" / "final.safetensors").provenance
+    assert provenance["command"] == "second run"
+    started_from = provenance["initialised_from"]
+    assert started_from["command"] == "first run" and started_from["epochs"] == 1
+    assert started_from["validation"] == first_report and "history" not in started_from
+
+
 def test_teacher_finds_the_objects_of_a_real_photo(coco_dir, teacher_model):
     pytest.importorskip("onnxruntime")
     from torchvision.ops import box_iou
