@@ -37,10 +37,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context for ``precision`` (a no-op for float32)."""
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+PRECISION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_decode_workers(device: torch.device) -> int:

@@ -123,10 +123,9 @@ class LevelOutput:
 class RegionProposalNetwork(nn.Module):
     """Backbone + head; ``forward`` gives per-level logits, deltas and anchors.
 
-    ``precision`` is what inference runs the network in (set by ``rpn_cli.export.load_model``).
+    The network runs in the dtype of its weights (``rpn_cli.export.load_model`` converts them for
+    ``--precision``); :attr:`precision` names it.
     """
-
-    precision = "float32"
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -145,6 +144,14 @@ class RegionProposalNetwork(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def precision(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
     @property
     def channels_last(self) -> bool:

@@ -8,7 +8,6 @@ from typing import Sequence
 import torch
 
 from .boxes import scale_boxes
-from .devices import autocast
 from .model import LevelOutput, RegionProposalNetwork, objectness
 from .preprocess import PreparedImage, pad_batch
 from .proposals import ProposalSettings, proposals_for_image
@@ -35,10 +34,10 @@ def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> 
     if device.type == "cuda":
         # Page-locked memory lets the copy run asynchronously with the host's next work.
         batch = batch.pin_memory()
-    batch = batch.to(device, non_blocking=True)
+    batch = batch.to(device, model.dtype, non_blocking=True)
     if model.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(device, model.precision):
+    with torch.inference_mode():
         return model(batch)
 
 
