@@ -122,11 +122,10 @@ def propose(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Propose object boxes for images: JSON Lines on stdout, or files in --out."""
-    from .devices import default_decode_workers, resolve_device
-    from .export import load_model
     from .inputs import expand_inputs, read_manifest
-    from .outputs import check_output_names, parse_formats
+    from .prefetch import DecodeAhead
 
+    decoded_ahead = None
     try:
         if engine not in ("local", "ray"):
             raise UsageError(f"--engine {engine}: choose local or ray")
@@ -138,6 +137,13 @@ def propose(
         items = expand_inputs(given, recursive, sys.stdin if "-" in given else None)
         if not items:
             raise UsageError("no images in the inputs given")
+        if engine == "local" and not skip_existing:
+            # Before anything imports torch: see prefetch.py.
+            decoded_ahead = DecodeAhead(items, max_pixels)
+        from .devices import default_decode_workers, resolve_device
+        from .export import load_model
+        from .outputs import check_output_names, parse_formats
+
         if engine == "ray":
             _run_ray(items, checkpoint, out, output_format, ray_address, actors, device, precision, top_k, max_pixels,
                      skip_existing, quiet, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
@@ -156,10 +162,13 @@ def propose(
         )
         if out is not None and any(f in ("json", "png") for f in formats):
             check_output_names(items)
+        code = _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top,
+                            skip_existing, fail_fast, max_pixels, quiet, decoded_ahead)
     except RpnError as error:
         fail(error)
-    code = _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
-                        fail_fast, max_pixels, quiet)
+    finally:
+        if decoded_ahead is not None:
+            decoded_ahead.close()
     raise typer.Exit(code)
 
 
@@ -196,7 +205,7 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
 
 
 def _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
-                 fail_fast, max_pixels, quiet) -> int:
+                 fail_fast, max_pixels, quiet, decoded_ahead=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .engine import Timings, propose_images
@@ -214,7 +223,8 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
     with Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
         task = progress.add_task("images", total=len(items))
-        results = propose_images(items, model, settings, batch_size, workers, top_k, max_pixels, timings)
+        results = propose_images(items, model, settings, batch_size, workers, top_k, max_pixels, timings,
+                                 decoded_ahead)
         try:
             for result in results:
                 progress.advance(task)

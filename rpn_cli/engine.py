@@ -12,6 +12,7 @@ from .errors import ImageError
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .inputs import InputImage
 from .model import RegionProposalNetwork
+from .prefetch import DecodeAhead
 from .predict import ImageProposals, proposals_from_outputs, run_model
 from .preprocess import PreparedImage, prepare_image
 from .proposals import ProposalSettings
@@ -38,12 +39,14 @@ class Timings:
     proposals: int = 0
 
 
-def _prepare(item: InputImage, preprocess: dict, max_pixels: int | None) -> tuple[PreparedImage | None, str | None, float]:
+def _prepare(item: InputImage, preprocess: dict, max_pixels: int | None,
+             decoded_ahead: DecodeAhead | None) -> tuple[PreparedImage | None, str | None, float]:
     started = time.perf_counter()
     if item.problem:
         return None, f"{item.given}: {item.problem}", 0.0
     try:
-        prepared = prepare_image(load_image(item.given, max_pixels), preprocess)
+        image = decoded_ahead.take(item) if decoded_ahead is not None else None
+        prepared = prepare_image(image if image is not None else load_image(item.given, max_pixels), preprocess)
     except ImageError as error:
         return None, str(error), time.perf_counter() - started
     return prepared, None, time.perf_counter() - started
@@ -58,11 +61,13 @@ def propose_images(
     top_k: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     timings: Timings | None = None,
+    decoded_ahead: DecodeAhead | None = None,
 ) -> Iterator[ImageResult]:
     """Yield one :class:`ImageResult` per item, in the order of ``items``.
 
     Images are decoded ``workers`` at a time (0: in this thread), at most a few
-    batches ahead of the model, so memory stays flat on any number of images.
+    batches ahead of the model, so memory stays flat on any number of images;
+    those ``decoded_ahead`` has decoded are taken from it.
     """
     timings = timings or Timings()
     preprocess = model.spec.preprocess
@@ -76,9 +81,9 @@ def propose_images(
         if item is None:
             return False
         if executor is not None:
-            pending.append((item, executor.submit(_prepare, item, preprocess, max_pixels)))
+            pending.append((item, executor.submit(_prepare, item, preprocess, max_pixels, decoded_ahead)))
         else:
-            pending.append((item, _prepare(item, preprocess, max_pixels)))
+            pending.append((item, _prepare(item, preprocess, max_pixels, decoded_ahead)))
         return True
 
     try:

@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, SAMPLES
 
 PEAK_SCRIPT = """
 import resource, subprocess, sys
@@ -54,3 +55,71 @@ def test_decode_workers_take_the_cores_the_network_leaves(monkeypatch):
     assert default_decode_workers(torch.device("cuda")) == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert default_decode_workers(torch.device("cuda")) == 2
+
+
+def _inputs(paths):
+    from rpn_cli.inputs import expand_inputs
+
+    return expand_inputs([str(path) for path in paths], False, None)
+
+
+def test_decode_ahead_hands_over_what_load_image_gives(tmp_path):
+    from rpn_cli.errors import ImageError
+    from rpn_cli.images import load_image
+    from rpn_cli.prefetch import DecodeAhead
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    items = _inputs([SAMPLES / "astronaut.jpg", broken, SAMPLES / "chelsea.jpg", SAMPLES / "coffee.jpg"])
+    ahead = DecodeAhead(items, max_images=3)
+    try:
+        first = ahead.take(items[0])
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(load_image(items[0].given)))
+        assert ahead.take(items[0]) is None  # handed over once
+        with pytest.raises(ImageError, match="broken.jpg"):
+            ahead.take(items[1])
+        np.testing.assert_array_equal(np.asarray(ahead.take(items[2])), np.asarray(load_image(items[2].given)))
+        assert ahead.take(items[3]) is None  # past max_images: the engine decodes it itself
+    finally:
+        ahead.close()
+
+
+def test_decode_ahead_stops_at_its_pixel_budget():
+    from rpn_cli.prefetch import DecodeAhead
+
+    items = _inputs(sorted(SAMPLES.glob("*.jpg")))
+    ahead = DecodeAhead(items, pixel_budget=1)
+    try:
+        assert ahead.take(items[0]) is not None  # decoded while nothing was held
+        assert all(ahead.take(item) is None for item in items[1:])
+    finally:
+        ahead.close()
+
+
+def test_the_engine_gives_the_same_proposals_with_images_decoded_ahead(small_checkpoint):
+    import torch
+
+    from rpn_cli.engine import propose_images
+    from rpn_cli.export import load_model
+    from rpn_cli.prefetch import DecodeAhead
+
+    model = load_model(small_checkpoint, "cpu")
+    settings = model.spec.proposal_settings()
+    items = _inputs(sorted(SAMPLES.glob("*.jpg")) + [SAMPLES / "missing.jpg"])
+    plain = list(propose_images(items, model, settings))
+    ahead = DecodeAhead(items, max_images=2)
+    try:
+        early = list(propose_images(items, model, settings, decoded_ahead=ahead))
+    finally:
+        ahead.close()
+    assert [r.item.given for r in early] == [r.item.given for r in plain]
+    assert early[-1].error == plain[-1].error and "missing.jpg" in early[-1].error
+    for a, b in zip(plain[:-1], early[:-1]):
+        assert torch.equal(a.proposals.boxes, b.proposals.boxes) and torch.equal(a.proposals.scores, b.proposals.scores)
+
+
+def test_decoding_ahead_does_not_import_torch():
+    code = "import sys, rpn_cli.prefetch, rpn_cli.inputs; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout.strip() == "False"
