@@ -159,8 +159,8 @@ class TorchvisionFPNBackbone(nn.Module):
         self.strides = list(TORCHVISION_ARCHS[arch])
         self.out_channels = [detector_backbone.out_channels] * len(self.strides)
         self.channels_last = False
-        # Unfolded BatchNorm too: float32 outputs stay bit-identical to torchvision's model.rpn.
-        self.foldable = False
+        # BatchNorm left unfolded in float32: outputs stay bit-identical to torchvision's model.rpn.
+        self.fold_in_float32 = False
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.fpn(self.body(images)).values())

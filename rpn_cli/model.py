@@ -173,8 +173,9 @@ class RegionProposalNetwork(nn.Module):
 def fold_batchnorm(module: nn.Module) -> int:
     """Fold each inference-mode BatchNorm into the convolution that feeds it; returns how many.
 
-    A convolution feeds a BatchNorm when it comes right before it in an ``nn.Sequential``,
-    or, in torchvision's ResNet blocks, when they are named ``conv<k>`` and ``bn<k>``.
+    A convolution feeds a BatchNorm when it comes right before it in an ``nn.Sequential`` (or
+    torchvision's ``IntermediateLayerGetter``), or, in torchvision's ResNet blocks, when they are
+    named ``conv<k>`` and ``bn<k>``.
     For inference only (``module`` in eval mode): the folded model computes the same function
     with one layer fewer.
     """
@@ -185,7 +186,8 @@ def fold_batchnorm(module: nn.Module) -> int:
     pairs = []
     for parent in module.modules():
         names = list(parent._modules)
-        if isinstance(parent, nn.Sequential):
+        # torchvision's IntermediateLayerGetter, like a Sequential, runs its children in order.
+        if isinstance(parent, nn.Sequential) or type(parent).__name__ == "IntermediateLayerGetter":
             pairs.extend((parent, a, b) for a, b in zip(names, names[1:]))
         elif type(parent).__module__ == "torchvision.models.resnet":
             pairs.extend((parent, name, "bn" + name[4:]) for name in names

@@ -12,6 +12,7 @@ from rpn_cli.backbones import TORCHVISION_ARCHS
 from rpn_cli.checkpoint import convert_torchvision, load_checkpoint
 from rpn_cli.errors import CheckpointError
 from rpn_cli.export import load_model
+from rpn_cli.model import fold_batchnorm
 from rpn_cli.predict import proposals_for_batch
 from rpn_cli.preprocess import prepare_image
 
@@ -37,6 +38,13 @@ def converted(request, tmp_path_factory):
     arch = request.param
     torch.manual_seed(0)
     detector = getattr(detection, arch)(weights=None, weights_backbone=None).eval()
+    with torch.no_grad():
+        for module in detector.modules():  # statistics as a trained model has them, not the identity
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
     folder = tmp_path_factory.mktemp(arch)
     torch.save(detector.state_dict(), folder / "detector.pth")
     convert_torchvision(folder / "detector.pth", folder / "rpn.safetensors", arch)
@@ -53,6 +61,25 @@ def test_proposals_equal_torchvision(converted):
         ours = proposals_for_batch(model, [prepare_image(photo, model.spec.preprocess)], model.spec.proposal_settings())[0]
         assert ours.boxes.shape == expected.shape and expected.shape[0] > 0, arch
         torch.testing.assert_close(ours.boxes, expected, rtol=0, atol=1e-3)
+
+
+def test_reduced_precision_folds_batchnorm(converted):
+    arch, _, folder = converted
+
+    def norms(model):
+        return sum(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+
+    full = load_model(folder / "rpn.safetensors", "cpu", "float32")
+    assert norms(full) > 0  # kept in float32, for parity with torchvision
+    folded = load_checkpoint(folder / "rpn.safetensors", "cpu")
+    assert fold_batchnorm(folded) == norms(full)
+    images = prepare_image(Image.open(SAMPLES / "coffee.jpg").convert("RGB"), full.spec.preprocess).tensor[None]
+    with torch.inference_mode():
+        for exact, approx in zip(full.raw_outputs(images), folded.raw_outputs(images)):
+            torch.testing.assert_close(approx, exact, rtol=1e-4, atol=1e-4)
+    reduced = load_model(folder / "rpn.safetensors", "cpu", "bfloat16")
+    assert norms(reduced) == 0 and reduced.precision == "bfloat16"  # no normalisation runs in bfloat16
+    assert all(parameter.dtype == torch.bfloat16 for parameter in reduced.parameters())
 
 
 def test_propose_and_anchors_work_on_a_converted_checkpoint(converted, tmp_path):
