@@ -30,11 +30,14 @@ def test_it_loads_with_its_provenance(default_checkpoint):
     readme = (ROOT / "weights" / "README.md").read_text()
     assert default_checkpoint.name in readme and provenance["command"] in readme
     # The figures weights/README.md gives for the shipped file are the ones recorded in it.
-    shipped = provenance["after_training"]["validation"]
+    shipped = provenance["validation"]
     assert model.spec.proposals["min_size"] == 8.0
-    assert (f"| **shipped**: second stage, min size 8 | {shipped['AR@10']:.3f} | {shipped['AR@100']:.3f} | "
-            f"{shipped['AR@300']:.3f} |") in readme
-    assert shipped["AR@100"] >= 0.25
+    assert (f"| **shipped**: third stage (lr 0.005, teacher threshold 0.2), min size 8 | {shipped['AR@10']:.3f} | "
+            f"{shipped['AR@100']:.3f} | {shipped['AR@300']:.3f} |") in readme
+    assert shipped["AR@100"] >= 0.25 and shipped["AR@300"] >= 0.35  # the aim, on our held-out split
+    # It records what it was trained from, back to the first stage.
+    second = provenance["initialised_from"]
+    assert second["command"] in readme and second["initialised_from"]["command"] in readme
 
 
 @pytest.mark.parametrize("sample", sorted(HAND_MADE))
