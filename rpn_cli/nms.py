@@ -1,32 +1,47 @@
 """Greedy non-maximum suppression that stops once it has kept enough boxes.
 
-torchvision's CPU ``nms`` runs the suppression over every box even when only
-the first ``post_nms_top_n`` survivors are wanted. Here boxes are taken in
-score order a window at a time: a box can only be suppressed by a better one,
-so once ``max_keep`` boxes are kept, the boxes after the window cannot change
-the answer and are never looked at. The result is the same first ``max_keep``
-indices (the same float32 IoU and ``>`` test, the same stable score order) for
-a fraction of the work: see ``benchmarks/benchmark_nms.py``.
+torchvision's ``nms`` runs the suppression over every box even when only the
+first ``post_nms_top_n`` survivors are wanted. A box can only be suppressed by
+a better one, so NMS over the best ``n`` boxes keeps exactly the boxes that NMS
+over all of them keeps among those ``n``: here torchvision's own kernel runs on
+the best ``window`` boxes, and on twice as many while fewer than ``max_keep``
+survive. Same answer as ``torchvision.ops.nms(...)[:max_keep]``, a fraction of
+the work: see ``benchmarks/benchmark_nms.py``.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import importlib.machinery
+import importlib.util
+
 import torch
 
 
-def _overlaps(box: np.ndarray, others: np.ndarray, box_area, other_areas: np.ndarray) -> np.ndarray:
-    """IoU of one box (4,) or of boxes (K, 1, 4) with ``others`` (M, 4), in torchvision's float32 arithmetic."""
-    zero = np.float32(0)
-    width = np.maximum(zero, np.minimum(box[..., 2], others[:, 2]) - np.maximum(box[..., 0], others[:, 0]))
-    height = np.maximum(zero, np.minimum(box[..., 3], others[:, 3]) - np.maximum(box[..., 1], others[:, 1]))
-    inter = width * height
-    return inter / (box_area + other_areas - inter)
+def _torchvision_nms():
+    """``torchvision::nms``. torchvision's compiled operators are loaded from its package folder
+    without importing the package, whose import costs a second of start-up (see mobilenet.py);
+    where that fails, the package is imported after all."""
+    if not hasattr(torch.ops.torchvision, "nms"):
+        try:
+            _load_torchvision_operators()
+        except (ImportError, OSError):
+            import torchvision.ops  # noqa: F401  (registers the operators)
+    return torch.ops.torchvision.nms
 
 
-# Boxes kept in earlier windows are tested against a new window this many at a time: (block, window)
-# temporaries small enough to stay in cache.
-_KEPT_BLOCK = 16
+def _load_torchvision_operators() -> None:
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("torchvision is not installed")
+    finder = importlib.machinery.FileFinder(
+        next(iter(spec.submodule_search_locations)),
+        (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+    for name in ("_C_stable", "_C"):  # the name of torchvision 0.29 on, and of earlier versions
+        found = finder.find_spec(name)
+        if found is not None and found.origin:
+            torch.ops.load_library(found.origin)
+            return
+    raise ImportError("torchvision's compiled operators were not found")
 
 
 def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int,
@@ -34,34 +49,19 @@ def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     """Indices (K,) of the boxes (N, 4) that greedy NMS keeps, best score first, K <= ``max_keep``.
 
     Equals ``torchvision.ops.nms(boxes, scores, iou_threshold)[:max_keep]``. ``window``: how many
-    boxes are looked at first (the window doubles while fewer than ``max_keep`` are kept).
+    of the best boxes are looked at first (doubled while fewer than ``max_keep`` are kept).
     """
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     if boxes.numel() == 0 or max_keep <= 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    nms = _torchvision_nms()
+    # The same stable order torchvision sorts by, so a prefix holds the same boxes, ties included.
     order = torch.sort(scores, descending=True, stable=True).indices
-    ordered = boxes[order].to(torch.float32).cpu().numpy()
-    areas = (ordered[:, 2] - ordered[:, 0]) * (ordered[:, 3] - ordered[:, 1])
-    # torchvision compares the float32 IoU with the threshold as a double: so does a float64 scalar here.
-    threshold = np.float64(iou_threshold)
-    count = ordered.shape[0]
-    keep: list[int] = []
-    start = 0
-    while start < count and len(keep) < max_keep:
-        stop = min(count, start + window)
-        part, part_areas = ordered[start:stop], areas[start:stop]
-        suppressed = np.zeros(stop - start, dtype=bool)
-        for block in range(0, len(keep), _KEPT_BLOCK):
-            kept = np.asarray(keep[block:block + _KEPT_BLOCK])
-            overlaps = _overlaps(ordered[kept][:, None, :], part, areas[kept][:, None], part_areas)
-            suppressed |= (overlaps > threshold).any(0)
-        for i in range(stop - start):
-            if suppressed[i]:
-                continue
-            keep.append(start + i)
-            if len(keep) == max_keep:
-                break
-            suppressed[i + 1:] |= _overlaps(part[i], part[i + 1:], part_areas[i], part_areas[i + 1:]) > threshold
-        start, window = stop, window * 2
-    return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)]
+    boxes, scores = boxes[order].to(torch.float32), scores[order].to(torch.float32)
+    size = window
+    while True:
+        kept = nms(boxes[:size], scores[:size], float(iou_threshold))
+        if kept.numel() >= max_keep or size >= order.numel():
+            return order[kept[:max_keep]]
+        size *= 2

@@ -1,10 +1,17 @@
 """The early-stopping NMS equals torchvision's greedy NMS."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torchvision.ops import nms
 
 from rpn_cli.nms import greedy_nms
+
+from conftest import ROOT
 
 
 def _random_boxes(generator, count, spread=600.0, size=200.0):
@@ -68,3 +75,20 @@ def test_an_overlap_equal_to_the_threshold_in_float32(threshold):
 def test_a_window_below_one_is_refused():
     with pytest.raises(ValueError, match="window"):
         greedy_nms(torch.zeros(1, 4), torch.zeros(1), 0.7, 10, window=0)
+
+
+def test_torchvision_operators_load_without_importing_the_package(tmp_path):
+    """What ``rpn propose`` does: torchvision's kernel, registered from its compiled library alone."""
+    generator = torch.Generator().manual_seed(0)
+    boxes, scores = _clustered_boxes(generator, 2000), torch.rand(2000, generator=generator)
+    torch.save({"boxes": boxes, "scores": scores}, tmp_path / "boxes.pt")
+    script = ("import sys, torch\n"
+              "from rpn_cli.nms import greedy_nms\n"
+              f"data = torch.load({str(tmp_path / 'boxes.pt')!r})\n"
+              "print(greedy_nms(data['boxes'], data['scores'], 0.5, 100, window=64).tolist())\n"
+              "print(sorted(name for name in sys.modules if name.split('.')[0] == 'torchvision'))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    kept, imported = result.stdout.strip().splitlines()
+    assert imported == "[]"
+    assert json.loads(kept) == nms(boxes, scores, 0.5)[:100].tolist()
