@@ -13,6 +13,9 @@ from .errors import ImageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Pillow's own guard is 89.5 million pixels (a 1 GiB RGBA raster) and only warns below twice that.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Pillow's warning is replaced by the max_pixels check in load_image. Filtered once here, not per call:
+# warnings.catch_warnings is not thread-safe, and images are decoded in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -42,18 +45,16 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageError(
-                        f"{path}: {width}x{height} is over the limit of {max_pixels} pixels "
-                        "(decompression bomb guard; raise it with --max-pixels)"
-                    )
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-                return _to_rgb(upright)
+        with Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(
+                    f"{path}: {width}x{height} is over the limit of {max_pixels} pixels "
+                    "(decompression bomb guard; raise it with --max-pixels)"
+                )
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return _to_rgb(upright)
     except ImageError:
         raise
     except FileNotFoundError as error:

@@ -16,6 +16,8 @@ import importlib.util
 
 import torch
 
+from .errors import UsageError
+
 
 def _torchvision_nms():
     """``torchvision::nms``. torchvision's compiled operators are loaded from its package folder
@@ -26,6 +28,9 @@ def _torchvision_nms():
             _load_torchvision_operators()
         except (ImportError, OSError):
             import torchvision.ops  # noqa: F401  (registers the operators)
+    if not hasattr(torch.ops.torchvision, "nms"):
+        raise UsageError("torchvision's compiled operators do not load (a broken install?): "
+                         "reinstall torchvision as pinned in pyproject.toml")
     return torch.ops.torchvision.nms
 
 
@@ -58,7 +63,9 @@ def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     nms = _torchvision_nms()
     # The same stable order torchvision sorts by, so a prefix holds the same boxes, ties included.
     order = torch.sort(scores, descending=True, stable=True).indices
-    boxes, scores = boxes[order].to(torch.float32), scores[order].to(torch.float32)
+    # torchvision's kernel takes float32 or float64 (both the same); other types go to float32.
+    dtype = boxes.dtype if boxes.dtype in (torch.float32, torch.float64) else torch.float32
+    boxes, scores = boxes[order].to(dtype), scores[order].to(dtype)
     size = window
     while True:
         kept = nms(boxes[:size], scores[:size], float(iou_threshold))

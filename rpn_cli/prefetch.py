@@ -9,6 +9,7 @@ This module must not import torch.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from typing import Sequence
 
 from PIL import Image
@@ -46,14 +47,21 @@ class DecodeAhead:
 
     def take(self, item: InputImage) -> Image.Image | None:
         """The decoded image of ``item`` (waiting for it if it is being decoded), or None when it was
-        not decoded ahead. Raises the :class:`ImageError` that decoding it raised."""
+        not decoded ahead or its decoding had not started. Raises the :class:`ImageError` that
+        decoding it raised."""
         job = self._jobs.pop(id(item), None)
-        if job is None or job[0] is not item:
+        if job is None or job[0] is not item or job[1].cancel():
+            # Not started yet: the caller (maybe one of several decoding threads) decodes it now
+            # rather than wait for this one thread to reach it.
             return None
         result = job[1].result()
         if isinstance(result, ImageError):
             raise result
         return result
+
+    def wait(self) -> None:
+        """Block until the thread has dealt with every image it was given."""
+        wait_for([future for _, future in self._jobs.values()])
 
     def close(self) -> None:
         """Stop decoding ahead and let go of what was not taken."""

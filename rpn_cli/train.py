@@ -182,8 +182,9 @@ def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage
 def _provenance_summary(provenance: dict) -> dict:
     """What a checkpoint started from: its training command, data and figures, and what it itself
     started from (the per-epoch history is left out)."""
-    summary = {key: provenance[key] for key in ("command", "data", "training_images", "validation", "after_training",
-                                                 "initialised_from") if key in provenance}
+    kept = ("trained_by", "command", "data", "training_images", "validation", "after_training", "initialised_from",
+            "converted_from", "source_format", "arch")  # the last three: a checkpoint from rpn convert
+    summary = {key: provenance[key] for key in kept if key in provenance}
     if "history" in provenance:
         summary["epochs"] = len(provenance["history"])
     return summary

@@ -92,3 +92,11 @@ def test_torchvision_operators_load_without_importing_the_package(tmp_path):
     kept, imported = result.stdout.strip().splitlines()
     assert imported == "[]"
     assert json.loads(kept) == nms(boxes, scores, 0.5)[:100].tolist()
+
+
+def test_float64_boxes_are_suppressed_in_float64():
+    # The second box overlaps the first by 0.5 + 1e-12: above 0.5 in float64, exactly 0.5 in float32.
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5 + 1e-12, 1.0]], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8], dtype=torch.float64)
+    assert nms(boxes.float(), scores.float(), 0.5).tolist() == [0, 1]
+    assert greedy_nms(boxes, scores, 0.5, 10).tolist() == nms(boxes, scores, 0.5).tolist() == [0]

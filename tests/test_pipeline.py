@@ -73,6 +73,7 @@ def test_decode_ahead_hands_over_what_load_image_gives(tmp_path):
     items = _inputs([SAMPLES / "astronaut.jpg", broken, SAMPLES / "chelsea.jpg", SAMPLES / "coffee.jpg"])
     ahead = DecodeAhead(items, max_images=3)
     try:
+        ahead.wait()
         first = ahead.take(items[0])
         np.testing.assert_array_equal(np.asarray(first), np.asarray(load_image(items[0].given)))
         assert ahead.take(items[0]) is None  # handed over once
@@ -90,8 +91,23 @@ def test_decode_ahead_stops_at_its_pixel_budget():
     items = _inputs(sorted(SAMPLES.glob("*.jpg")))
     ahead = DecodeAhead(items, pixel_budget=1)
     try:
+        ahead.wait()
         assert ahead.take(items[0]) is not None  # decoded while nothing was held
         assert all(ahead.take(item) is None for item in items[1:])
+    finally:
+        ahead.close()
+
+
+def test_an_image_not_yet_decoded_ahead_is_handed_back_at_once(tmp_path):
+    """Several decoding threads must not queue behind the one thread decoding ahead."""
+    from rpn_cli.prefetch import DecodeAhead
+
+    for index in range(40):
+        (tmp_path / f"{index:02d}.jpg").write_bytes((SAMPLES / "astronaut.jpg").read_bytes())
+    items = _inputs(sorted(tmp_path.glob("*.jpg")))
+    ahead = DecodeAhead(items)
+    try:
+        assert ahead.take(items[-1]) is None  # 39 images ahead of it in the queue: not started
     finally:
         ahead.close()
 
