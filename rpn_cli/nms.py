@@ -53,7 +53,8 @@ def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
                window: int = 1024) -> torch.Tensor:
     """Indices (K,) of the boxes (N, 4) that greedy NMS keeps, best score first, K <= ``max_keep``.
 
-    Equals ``torchvision.ops.nms(boxes, scores, iou_threshold)[:max_keep]``. ``window``: how many
+    Equals ``torchvision.ops.nms(boxes, scores, iou_threshold)[:max_keep]``, on the CPU or CUDA
+    (the kernel runs where the boxes are). ``window``: how many
     of the best boxes are looked at first (doubled while fewer than ``max_keep`` are kept).
     """
     if window < 1:

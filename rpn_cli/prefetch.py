@@ -49,8 +49,8 @@ class DecodeAhead:
         """The decoded image of ``item`` (waiting for it if it is being decoded), or None when it was
         not decoded ahead or its decoding had not started. Raises the :class:`ImageError` that
         decoding it raised."""
-        job = self._jobs.pop(id(item), None)
-        if job is None or job[0] is not item or job[1].cancel():
+        job = self._jobs.pop(id(item), None)  # the item is held beside its job, so its id stays its own
+        if job is None or job[1].cancel():
             # Not started yet: the caller (maybe one of several decoding threads) decodes it now
             # rather than wait for this one thread to reach it.
             return None

@@ -80,8 +80,6 @@ def proposals_for_image(
         return boxes.reshape(0, 4), score
     if settings.nms_per_level:
         keep = _torchvision_ops().batched_nms(boxes, score, level_ids, settings.nms_iou)[: settings.post_nms_top_n]
-    elif boxes.is_cuda:
-        keep = _torchvision_ops().nms(boxes, score, settings.nms_iou)[: settings.post_nms_top_n]
     else:
         keep = greedy_nms(boxes, score, settings.nms_iou, settings.post_nms_top_n)
     return boxes[keep], score[keep]
