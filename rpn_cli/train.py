@@ -6,7 +6,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,7 +42,8 @@ class TrainConfig:
     seed: int = 0
     validation_count: int = 50
     train_sizes: list[int] = field(default_factory=lambda: [416, 448, 480, 512, 544, 576, 608])
-    freeze_blocks: int = 4
+    # None: the stem and first blocks (4) when the trunk starts from trained weights, none from scratch.
+    freeze_blocks: int | None = None
     backbone_weights: str | None = None
     init_checkpoint: str | None = None
     teacher: str | None = None
@@ -78,7 +79,7 @@ Reporter = Callable[[TrainEvent], None]
 
 
 def _frozen_batchnorm(module: nn.Module) -> None:
-    """BatchNorm in eval mode with fixed parameters: batches of 4 images give poor statistics."""
+    """BatchNorm in eval mode with fixed parameters: batches of 4 images would spoil trained statistics."""
     for layer in module.modules():
         if isinstance(layer, nn.BatchNorm2d):
             layer.eval()
@@ -220,8 +221,16 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         model = RegionProposalNetwork(spec)
         if config.backbone_weights:
             load_imagenet_weights(model.backbone, spec.backbone, Path(config.backbone_weights))
-    _frozen_batchnorm(model.backbone)
-    freeze_first_blocks(model.backbone, config.freeze_blocks)
+    # A trunk from scratch has no statistics to keep: its BatchNorm layers learn them (in training mode).
+    from_scratch = not config.init_checkpoint and not config.backbone_weights
+    if from_scratch:
+        report(TrainEvent("warning", message=f"{spec.backbone['name']}: no ImageNet weights or --init, "
+                                             "so the trunk trains from scratch (BatchNorm included)"))
+    else:
+        _frozen_batchnorm(model.backbone)
+    freeze_blocks = config.freeze_blocks if config.freeze_blocks is not None else (0 if from_scratch else 4)
+    freeze_first_blocks(model.backbone, freeze_blocks)
+    config = replace(config, freeze_blocks=freeze_blocks)
     model.to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=config.learning_rate, momentum=config.momentum,
@@ -247,7 +256,8 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     last_report: dict = history[-1]["validation"] if history else {}
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        _frozen_batchnorm(model.backbone)
+        if not from_scratch:
+            _frozen_batchnorm(model.backbone)
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         rng = random.Random(config.seed * 1000 + epoch)
         order = torch.randperm(len(samples), generator=generator).tolist()

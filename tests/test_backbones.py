@@ -71,6 +71,26 @@ def test_imagenet_weights_load_into_our_trunk(tmp_path):
                              for key, value in stage_two.items())
 
 
+def test_resnet50_imagenet_weights_fill_the_c4_trunk(tmp_path):
+    from torchvision.models import resnet50
+
+    from rpn_cli.errors import CheckpointError
+
+    torch.manual_seed(2)
+    reference = resnet50(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
+    backbone = build_backbone({"name": "resnet50-c4"})
+    load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "resnet50.pth")
+    stem_conv, stem_bn, layer3 = backbone.body[0], backbone.body[1], backbone.body[6]
+    assert torch.equal(stem_conv.weight, reference.conv1.weight)
+    assert torch.equal(stem_bn.running_var, reference.bn1.running_var)
+    assert torch.equal(layer3[5].conv3.weight, reference.layer3[5].conv3.weight)
+    # MobileNetV2 weights are not ResNet-50 weights: the error names the file and the first mismatch.
+    torch.save(mobilenet_v2(weights=None).state_dict(), tmp_path / "mobilenet_v2.pth")
+    with pytest.raises(CheckpointError, match=r"mobilenet_v2\.pth: not torchvision ResNet-50 ImageNet weights"):
+        load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "mobilenet_v2.pth")
+
+
 def test_propose_with_our_checkpoints_does_not_import_torchvision(tmp_path):
     # A fresh interpreter, the command run in-process (the entry point would exit before we look).
     script = ("import sys\n"

@@ -223,3 +223,44 @@ def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path):
     warnings = [e.message for e in events if e.kind == "warning"]
     assert any(broken.name in message for message in warnings), warnings
     assert (tmp_path / "work" / "final.safetensors").exists()
+
+
+def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_path):
+    from torchvision.models import resnet50
+
+    from rpn_cli.checkpoint import load_checkpoint
+    from rpn_cli.cli import app
+    from typer.testing import CliRunner
+
+    folder = _synthetic_dataset(tmp_path / "data", count=3, size=(96, 80))
+    torch.manual_seed(3)
+    imagenet = resnet50(weights=None)
+    with torch.no_grad():  # statistics that training in eval mode must keep
+        imagenet.layer1[0].bn1.running_mean.uniform_(-1, 1)
+    torch.save(imagenet.state_dict(), tmp_path / "resnet50.pth")
+    common = [str(folder / "instances.json"), "--backbone", "resnet50-c4", "--train-sizes", "80,96", "--epochs", "1",
+              "--batch-size", "2", "--validation", "1", "--shorter-side", "96", "--quiet"]
+    runner = CliRunner()
+    scratch = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "scratch")])
+    assert scratch.exit_code == 0, scratch.output
+    assert "trains from scratch" in scratch.output
+    model = load_checkpoint(tmp_path / "scratch" / "final.safetensors", "cpu")
+    assert model.spec.backbone == {"name": "resnet50-c4"} and model.spec.score == "softmax2"
+    assert model.spec.preprocess["size"] == 96 and model.spec.preprocess["interpolation"] == "bicubic"
+    assert model.spec.provenance["config"]["freeze_blocks"] == 0
+    assert model.spec.provenance["config"]["train_sizes"] == [80, 96]
+    # From scratch, BatchNorm learns its statistics (they start at mean 0).
+    assert model.backbone.body[1].running_mean.abs().sum() > 0
+
+    pretrained = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"),
+                                     "--backbone-weights", str(tmp_path / "resnet50.pth")])
+    assert pretrained.exit_code == 0, pretrained.output
+    model = load_checkpoint(tmp_path / "imagenet" / "final.safetensors", "cpu")
+    assert model.spec.provenance["config"]["freeze_blocks"] == 4
+    block = model.backbone.body[4][0]
+    assert torch.equal(block.bn1.running_mean, imagenet.layer1[0].bn1.running_mean)  # frozen statistics
+    assert torch.equal(model.backbone.body[0].weight, imagenet.conv1.weight)  # the stem stays frozen
+    assert not torch.equal(block.conv2.weight, imagenet.layer1[0].conv2.weight)  # layer1 trains
+
+    bad = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "bad"), "--train-sizes", "96,x"])
+    assert bad.exit_code != 0 and "--train-sizes 96,x" in bad.output
