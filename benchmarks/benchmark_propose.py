@@ -115,13 +115,29 @@ def _seed_state_dict(path: Path, weights: Path | None) -> None:
         torch.manual_seed(0)
         model = RegionProposalNetwork(seed_project_spec())
     else:
-        model, seed = load_checkpoint(weights, "cpu"), seed_project_spec()
-        if (model.spec.backbone, model.spec.levels, model.spec.score) != (seed.backbone, seed.levels, seed.score):
-            sys.exit(f"{weights}: not a resnet50-c4 checkpoint in the seed project's conventions "
-                     "(rpn train --backbone resnet50-c4 writes one)")
+        model = load_checkpoint(weights, "cpu")
     state = {"extractor." + k[len("backbone.body."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     state.update({"rpn." + k[len("head."):]: v for k, v in model.state_dict().items() if k.startswith("head.")})
     torch.save(state, path)
+
+
+def _check_seed_weights(path: Path) -> None:
+    """Stop before any part runs unless ``path`` is a resnet50-c4 checkpoint in the seed project's conventions."""
+    from rpn_cli.checkpoint import read_spec
+    from rpn_cli.errors import RpnError
+    from rpn_cli.model import seed_project_spec
+
+    try:
+        spec = read_spec(path)
+    except RpnError as error:
+        sys.exit(f"--seed-weights: {error}")
+    seed_spec = seed_project_spec()
+    if (spec.backbone, spec.levels, spec.score) != (seed_spec.backbone, seed_spec.levels, seed_spec.score):
+        sys.exit(f"--seed-weights {path}: not a resnet50-c4 checkpoint in the seed project's conventions "
+                 "(rpn train --backbone resnet50-c4 writes one)")
+    if spec.preprocess != seed_spec.preprocess:
+        print(f"warning: {path} was trained for other preprocessing ({spec.preprocess['size']} px); "
+              "both codes run it as the seed's (600 px)", file=sys.stderr)
 
 
 def part_seed(files, seed_state, **_):
@@ -219,6 +235,8 @@ def main() -> None:
         print(json.dumps(figures))
         return
 
+    if args.seed_weights and "seed" not in set(args.skip.split(",")):
+        _check_seed_weights(args.seed_weights)
     files = _images(args.images, args.count)
     skip = set(filter(None, args.skip.split(",")))
     figures: dict = {}

@@ -174,26 +174,29 @@ def _build_torchvision_fpn(description: dict) -> nn.Module:
 def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) -> None:
     """Fill a trunk from torchvision's ImageNet state dict at ``path``: MobileNetV2 for the
     ``mobilenet_v2`` backbones, ResNet-50 for ``resnet50-c4`` (its stem and layer1-3)."""
+    from .checkpoint import load_state_strict, read_torch_state_dict  # it imports this module
+
     name = description["name"]
     if not (name.startswith("mobilenet_v2") or name == "resnet50-c4"):
         raise UsageError(f"ImageNet weights by path are supported for mobilenet_v2 and resnet50-c4 backbones, not {name}")
-    kind = "ResNet-50" if name == "resnet50-c4" else "MobileNetV2"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{path}: cannot read backbone weights ({error})") from error
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not torchvision {kind} ImageNet weights (not a state dict)")
+    state = read_torch_state_dict(Path(path))
+    source = f"{path} (torchvision {'ResNet-50' if name == 'resnet50-c4' else 'MobileNetV2'} ImageNet weights)"
     if name == "resnet50-c4":
-        # The trunk is Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3): number the keys so.
+        # Our trunk is Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3).
         positions = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6"}
-        trunk = {positions[key.split(".", 1)[0]] + "." + key.split(".", 1)[1]: value for key, value in state.items()
-                 if key.split(".", 1)[0] in positions}
-        _load_trunk(backbone.body, trunk, path, kind)
+        names = {number: word for word, number in positions.items()}
+        trunk = {}
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if head in positions:
+                trunk[f"{positions[head]}.{rest}"] = value
+        load_state_strict(backbone.body, trunk, source,
+                          lambda key: f"{names[key.partition('.')[0]]}.{key.partition('.')[2]}")
+        _take_imagenet_normalisation(backbone.body[0], backbone.body[1])
         return
     reference = mobilenet_v2_features()
-    _load_trunk(reference, {key[len("features."):]: value for key, value in state.items()
-                            if key.startswith("features.")}, path, kind)
+    load_state_strict(reference, {key[len("features."):]: value for key, value in state.items()
+                                  if key.startswith("features.")}, source, lambda key: f"features.{key}")
     if isinstance(backbone, SingleLevelBackbone):
         backbone.body.load_state_dict(reference[: len(backbone.body)].state_dict())
     else:
@@ -201,9 +204,15 @@ def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) ->
             stage.load_state_dict(reference[a:b].state_dict())
 
 
-def _load_trunk(trunk: nn.Module, state: dict, path: Path, kind: str) -> None:
-    try:
-        trunk.load_state_dict(state)
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise CheckpointError(f"{path}: not torchvision {kind} ImageNet weights ({first_line})") from error
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@torch.no_grad()
+def _take_imagenet_normalisation(conv: nn.Conv2d, batchnorm: nn.BatchNorm2d) -> None:
+    """Let an ImageNet stem (trained on ``(x - mean) / std``) take the seed project's plain RGB/255:
+    each input channel's weights divided by its std, and the mean's response (now a constant per
+    output channel) moved into the BatchNorm's running mean. Exact away from the zero padding."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    conv.weight.div_(std)
+    batchnorm.running_mean.add_((conv.weight * mean).sum(dim=(1, 2, 3)))

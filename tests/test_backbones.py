@@ -77,18 +77,35 @@ def test_resnet50_imagenet_weights_fill_the_c4_trunk(tmp_path):
     from rpn_cli.errors import CheckpointError
 
     torch.manual_seed(2)
-    reference = resnet50(weights=None)
+    reference = resnet50(weights=None).eval()
+    with torch.no_grad():  # statistics unlike a fresh model's, so that loading them shows
+        for bn in (reference.bn1, reference.layer3[5].bn3):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
     torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
-    backbone = build_backbone({"name": "resnet50-c4"})
+    backbone = build_backbone({"name": "resnet50-c4"}).eval()
     load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "resnet50.pth")
-    stem_conv, stem_bn, layer3 = backbone.body[0], backbone.body[1], backbone.body[6]
-    assert torch.equal(stem_conv.weight, reference.conv1.weight)
-    assert torch.equal(stem_bn.running_var, reference.bn1.running_var)
+    layer3 = backbone.body[6]
     assert torch.equal(layer3[5].conv3.weight, reference.layer3[5].conv3.weight)
-    # MobileNetV2 weights are not ResNet-50 weights: the error names the file and the first mismatch.
+    assert torch.equal(layer3[5].bn3.running_var, reference.layer3[5].bn3.running_var)
+    assert torch.equal(backbone.body[1].running_var, reference.bn1.running_var)
+    # The stem takes RGB / 255 (the seed project's input) and gives what torchvision's gives on the
+    # ImageNet-normalised image, except where the 7x7 kernel reaches into the padding.
+    image = torch.rand(1, 3, 64, 80)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ours = backbone.body[1](backbone.body[0](image))
+        expected = reference.bn1(reference.conv1((image - mean) / std))
+    torch.testing.assert_close(ours[..., 2:-2, 2:-2], expected[..., 2:-2, 2:-2], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours[..., 0, :], expected[..., 0, :], atol=1e-3)
+    # MobileNetV2 weights are not ResNet-50 weights: the error names the file and a missing key.
     torch.save(mobilenet_v2(weights=None).state_dict(), tmp_path / "mobilenet_v2.pth")
-    with pytest.raises(CheckpointError, match=r"mobilenet_v2\.pth: not torchvision ResNet-50 ImageNet weights"):
+    with pytest.raises(CheckpointError, match=r"mobilenet_v2\.pth \(torchvision ResNet-50 ImageNet weights\): "
+                                              r"missing key conv1\.weight \(and \d+ more\)"):
         load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "mobilenet_v2.pth")
+    (tmp_path / "text.pth").write_text("not a state dict")
+    with pytest.raises(CheckpointError, match=r"text\.pth: not a readable PyTorch state dict"):
+        load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "text.pth")
 
 
 def test_propose_with_our_checkpoints_does_not_import_torchvision(tmp_path):

@@ -259,8 +259,18 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
     assert model.spec.provenance["config"]["freeze_blocks"] == 4
     block = model.backbone.body[4][0]
     assert torch.equal(block.bn1.running_mean, imagenet.layer1[0].bn1.running_mean)  # frozen statistics
-    assert torch.equal(model.backbone.body[0].weight, imagenet.conv1.weight)  # the stem stays frozen
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.backbone.body[0].weight, imagenet.conv1.weight / std, rtol=0, atol=0)  # fixed
     assert not torch.equal(block.conv2.weight, imagenet.layer1[0].conv2.weight)  # layer1 trains
 
-    bad = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "bad"), "--train-sizes", "96,x"])
-    assert bad.exit_code != 0 and "--train-sizes 96,x" in bad.output
+    # The ImageNet run's last.pt cannot be continued from scratch: one line naming it, last.pt kept.
+    mixed = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"), "--epochs", "2"])
+    assert mixed.exit_code == 3 and "last.pt: saved by a run with another backbone, start" in mixed.output
+    assert (tmp_path / "imagenet" / "last.pt").is_file()
+    for options, message in ((["--train-sizes", "96,x"], "--train-sizes 96,x: expected comma-separated whole"),
+                             (["--train-sizes", "96,500.5"], "--train-sizes 96,500.5: expected comma-separated whole"),
+                             (["--train-sizes", "16"], "--train-sizes 16: expected sizes of at least 32"),
+                             (["--init", str(tmp_path / "scratch" / "final.safetensors")], "--init: the checkpoint sets")):
+        bad = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"), "--restart", *options])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert (tmp_path / "imagenet" / "last.pt").is_file()  # refused before --restart deleted anything
