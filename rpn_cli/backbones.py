@@ -22,6 +22,8 @@ from .errors import CheckpointError, UsageError
 from .mobilenet import FeaturePyramid, mobilenet_v2_features
 
 BackboneBuilder = Callable[[dict], nn.Module]
+# What torchvision's ImageNet trunks were trained on: (RGB / 255 - mean) / std.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _REGISTRY: dict[str, BackboneBuilder] = {}
 
 
@@ -202,9 +204,6 @@ def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) ->
     else:
         for stage, a, b in zip(backbone.stages, _MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS):
             stage.load_state_dict(reference[a:b].state_dict())
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @torch.no_grad()

@@ -320,21 +320,22 @@ def anchors(
         fail(error)
 
 
-def _sizes(text: str, option: str) -> list[int]:
+def _comma_separated(text: str, option: str, kind: type, what: str) -> list:
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        return [kind(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
-        raise UsageError(f"{option} {text}: expected comma-separated whole numbers of pixels") from error
+        raise UsageError(f"{option} {text}: expected comma-separated {what}") from error
+
+
+def _sizes(text: str, option: str) -> list[int]:
+    values = _comma_separated(text, option, int, "whole numbers of pixels")
     if not values or min(values) < 32:
         raise UsageError(f"{option} {text}: expected sizes of at least 32 pixels")
     return values
 
 
 def _floats(text: str, option: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise UsageError(f"{option} {text}: expected comma-separated numbers") from error
+    values = _comma_separated(text, option, float, "numbers")
     if not values or any(v <= 0 for v in values):
         raise UsageError(f"{option} {text}: expected positive numbers")
     return values

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .anchors import anchor_shapes, cached_grid_anchors, seed_project_anchor_shapes
-from .backbones import build_backbone
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from .boxes import DEFAULT_DELTA_CLAMP
 from .errors import CheckpointError
 from .proposals import ProposalSettings
@@ -270,8 +270,8 @@ def imagenet_preprocess(shorter_side: int, max_size: int | None, interpolation: 
         "interpolation": interpolation,
         "channel_order": "RGB",
         "scale": 1.0 / 255.0,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
     }
 
 
