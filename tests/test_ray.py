@@ -19,6 +19,27 @@ def folder(tmp_path_factory, coco_dir):
     return images
 
 
+# Ray actors run torch on one thread and the local engine on all cores: the sums inside the convolutions
+# are ordered differently, so the outputs agree to about 1e-6, not bit for bit (bit for bit only where
+# both happen to round alike, e.g. in bfloat16). After the records' rounding (boxes to 0.01 px, scores
+# to 1e-6) that is at most one step in the last digit; near-tied boxes may also swap ranks.
+BOX_TOLERANCE = 0.011
+SCORE_TOLERANCE = 2e-6
+
+
+def assert_records_close(got, expected):
+    """Same record but for boxes and scores, which match one to one within the tolerances above."""
+    assert {k: v for k, v in got.items() if k not in ("boxes", "scores")} == \
+        {k: v for k, v in expected.items() if k not in ("boxes", "scores")}
+    assert len(got["boxes"]) == len(expected["boxes"]) == len(got["scores"])
+    unmatched = list(range(len(expected["boxes"])))
+    for box, score in zip(got["boxes"], got["scores"]):
+        match = next((j for j in unmatched if abs(expected["scores"][j] - score) <= SCORE_TOLERANCE
+                      and max(abs(a - b) for a, b in zip(expected["boxes"][j], box)) <= BOX_TOLERANCE), None)
+        assert match is not None, f"{got['image']}: {box} {score} has no counterpart"
+        unmatched.remove(match)
+
+
 def _shard_records(out):
     records = []
     for shard in sorted(out.glob("part-*.jsonl")):
@@ -55,7 +76,7 @@ def test_ray_records_equal_the_local_engine_and_resume(folder, small_checkpoint,
         if record["image"].endswith("zz_corrupt.jpg"):
             assert "cannot decode" in record["error"] and str(folder) in record["error"]
         else:
-            assert record == expected[record["image"]]
+            assert_records_close(record, expected[record["image"]])
 
 
 def test_ray_manifest_and_parquet(folder, small_checkpoint, tmp_path):
@@ -74,4 +95,6 @@ def test_ray_manifest_and_parquet(folder, small_checkpoint, tmp_path):
     local = run_rpn("propose", *paths, "-c", small_checkpoint, "-q", check=True)
     expected = {r["image"]: r for r in map(json.loads, local.stdout.splitlines())}
     for row in table.to_pylist():
-        assert row["boxes"] == expected[row["image"]]["boxes"] and row["scores"] == expected[row["image"]]["scores"]
+        assert_records_close({"image": row["image"], "boxes": row["boxes"], "scores": row["scores"]},
+                             {"image": row["image"], "boxes": expected[row["image"]]["boxes"],
+                              "scores": expected[row["image"]]["scores"]})
