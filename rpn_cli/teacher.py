@@ -18,6 +18,8 @@ from .errors import UsageError
 
 _PAD_VALUE = 114
 _STRIDES = (8, 16, 32)
+# COCO's 80 category ids in the order of the model's class scores (1..90 with gaps).
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 
 class YoloxTeacher:
@@ -45,6 +47,13 @@ class YoloxTeacher:
 
     def boxes(self, image: Image.Image, score_threshold: float = 0.3, nms_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (K, 4) x1y1x2y2 and objectness (K,) for an RGB image, after class-agnostic NMS."""
+        boxes, scores, _ = self.detections(image, score_threshold, nms_iou)
+        return boxes, scores
+
+    def detections(self, image: Image.Image, score_threshold: float = 0.3,
+                   nms_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes (K, 4) x1y1x2y2 in original pixels, objectness (K,) and the COCO category id (K,) of
+        each box's best class, objectness-ranked after class-agnostic NMS."""
         ratio = min(self.size / image.height, self.size / image.width)
         resized = image.resize((int(image.width * ratio), int(image.height * ratio)), Image.Resampling.BILINEAR)
         canvas = np.full((self.size, self.size, 3), _PAD_VALUE, np.float32)
@@ -56,12 +65,13 @@ class YoloxTeacher:
         boxes = np.concatenate((centres - sizes / 2, centres + sizes / 2), axis=1) / ratio
         scores = raw[:, 4]
         keep = scores >= score_threshold
+        categories = np.asarray(COCO_CATEGORY_IDS, np.int64)[raw[keep, 5:].argmax(axis=1)]
         boxes = torch.from_numpy(boxes[keep]).float()
         scores = torch.from_numpy(scores[keep]).float()
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image.width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.height)
-        kept = nms(boxes, scores, nms_iou)
-        return boxes[kept].numpy(), scores[kept].numpy()
+        kept = nms(boxes, scores, nms_iou).numpy()
+        return boxes[kept].numpy(), scores[kept].numpy(), categories[kept]
 
 
 def _grid(size: int) -> np.ndarray:
@@ -83,3 +93,23 @@ def merge_teacher_boxes(annotated: np.ndarray, teacher: np.ndarray, max_iou: flo
     overlap = box_iou(torch.from_numpy(teacher).float(), torch.from_numpy(annotated).float()).max(dim=1).values
     extra = teacher[(overlap < max_iou).numpy()]
     return np.concatenate((annotated, extra.astype(np.float32)), axis=0)
+
+
+def partial_label_targets(
+    annotated: np.ndarray, labelled_categories: frozenset[int], teacher_boxes: np.ndarray, teacher_scores: np.ndarray,
+    teacher_categories: np.ndarray, threshold: float, ignore_threshold: float, max_iou: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes, ignore regions) of an image whose annotations cover only ``labelled_categories``.
+
+    annotated: (K, 4) human boxes; teacher_*: (T, 4), (T,), (T,) detections, COCO category ids.
+    Boxes: the human boxes plus the teacher's boxes (objectness >= ``threshold``) of other categories
+    that overlap no human box by ``max_iou``; the teacher's boxes of labelled categories give way to the
+    human ones (those are complete). Ignore regions (R, 4): the teacher's less confident boxes of other
+    categories (``ignore_threshold`` <= objectness < ``threshold``), where a missing annotation is not
+    evidence of background. Returns float32 arrays.
+    """
+    other = ~np.isin(teacher_categories, list(labelled_categories))
+    confident = other & (teacher_scores >= threshold)
+    uncertain = other & (teacher_scores >= ignore_threshold) & (teacher_scores < threshold)
+    boxes = merge_teacher_boxes(annotated.astype(np.float32), teacher_boxes[confident].astype(np.float32), max_iou)
+    return boxes, teacher_boxes[uncertain].astype(np.float32).reshape(-1, 4)

@@ -19,20 +19,25 @@ from torch import nn
 from .backbones import load_imagenet_weights
 from .boxes import encode_boxes
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from .data import AnnotatedImage, load_dataset, split_validation
+from .data import AnnotatedImage, load_coco, load_dataset, split_validation, without_photos_of
 from .errors import CheckpointError, ImageError, UsageError
 from .evaluate import average_recall_report, proposals_from_model
 from .images import load_image
 from .model import ModelSpec, RegionProposalNetwork
 from .preprocess import resize_image, to_tensor
 from .targets import NEGATIVE, POSITIVE, TargetSettings, label_anchors, sample_labels
-from .teacher import YoloxTeacher, merge_teacher_boxes
+from .teacher import YoloxTeacher, merge_teacher_boxes, partial_label_targets
 
 
 @dataclass
 class TrainConfig:
     sources: list[str]
     work_dir: str
+    # COCO files that annotate only the categories they list (every other object comes from the teacher).
+    partial_sources: list[str] = field(default_factory=list)
+    # COCO files of fully annotated photos to validate on instead of a split of the sources; photos of
+    # the same file name are left out of training.
+    validation_sets: list[str] = field(default_factory=list)
     epochs: int = 12
     batch_size: int = 4
     learning_rate: float = 0.02
@@ -48,6 +53,9 @@ class TrainConfig:
     init_checkpoint: str | None = None
     teacher: str | None = None
     teacher_threshold: float = 0.3
+    # Teacher boxes from this objectness up to teacher_threshold mark regions left out of the loss
+    # (ignored, not background) on photos whose annotations are partial or absent.
+    teacher_ignore_threshold: float = 0.1
     # None: every anchor takes part (torchvision's rule); a number: anchors crossing the border by more
     # than that many pixels are left out (the paper's rule is 0). See README, "Training".
     allowed_border: float | None = None
@@ -61,6 +69,7 @@ class TrainConfig:
 class TrainingImage:
     path: Path
     boxes: np.ndarray  # (K, 4) x1y1x2y2, original pixels, crowd removed
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (R, 4) unknown regions
 
 
 @dataclass
@@ -103,16 +112,19 @@ def freeze_first_blocks(backbone: nn.Module, count: int) -> None:
 def rpn_losses(
     levels, images_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]], score_kind: str,
     box_weights, delta_clamp: float, targets: TargetSettings, generator: torch.Generator,
+    images_ignore: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Objectness and box losses of a batch.
 
     levels: the model's :class:`LevelOutput` list; images_boxes[i]: (K_i, 4) in resized pixels;
-    image_sizes[i]: (width, height) of image i before padding.
+    image_sizes[i]: (width, height) of image i before padding; images_ignore[i]: (R_i, 4) regions in
+    resized pixels where negatives are ignored.
     """
     anchors = torch.cat([level.anchors for level in levels])
     cls_terms, box_terms, sampled_total = [], [], 0
     for index, (boxes, (width, height)) in enumerate(zip(images_boxes, image_sizes)):
-        labels, matched = label_anchors(anchors, boxes, height, width, targets)
+        ignore = images_ignore[index] if images_ignore is not None else None
+        labels, matched = label_anchors(anchors, boxes, height, width, targets, ignore)
         labels = sample_labels(labels, targets, generator)
         sampled = torch.nonzero(labels >= NEGATIVE).flatten()
         positive = torch.nonzero(labels == POSITIVE).flatten()
@@ -134,44 +146,87 @@ def rpn_losses(
     return {"objectness": objectness_loss, "box": box_loss}
 
 
-def _training_images(
-    images: list[AnnotatedImage], teacher: YoloxTeacher | None, threshold: float, cache_file: Path, report: Reporter
-) -> list[TrainingImage]:
-    """Boxes to train on: annotations (crowd removed) plus, with a teacher, its boxes for what they miss;
-    unlabeled images only with a teacher. Teacher boxes are cached in ``cache_file``."""
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    result = []
+_TEACHER_CACHE_VERSION = 2
+
+
+def _teacher_detections(
+    images: list[AnnotatedImage], teacher: YoloxTeacher, min_score: float, cache_file: Path, report: Reporter,
+) -> dict[str, np.ndarray]:
+    """The teacher's detections (T, 6: box, objectness, category id) of each readable image, down to
+    ``min_score``; cached in ``cache_file`` (recomputed when the cache went less deep)."""
+    cache = {}
+    if cache_file.exists():
+        try:
+            stored = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = {}
+        if (isinstance(stored, dict) and stored.get("version") == _TEACHER_CACHE_VERSION
+                and stored.get("min_score", 1.0) <= min_score):
+            cache = stored["images"]
+    found, changed = {}, False
     for done, image in enumerate(images):
-        annotated = image.boxes[~image.crowd]
-        if teacher is None:
-            if image.labelled:
-                result.append(TrainingImage(image.path, annotated))
-            continue
         key = str(image.path)
         if key not in cache:
             try:
-                boxes, _ = teacher.boxes(load_image(image.path), threshold)
+                boxes, scores, categories = teacher.detections(load_image(image.path), min_score)
             except ImageError as error:
                 report(TrainEvent("warning", message=f"skipped: {error}"))
                 continue
-            cache[key] = boxes.round(2).tolist()
-        teacher_boxes = np.array(cache[key], np.float32).reshape(-1, 4)
-        result.append(TrainingImage(image.path, merge_teacher_boxes(annotated, teacher_boxes)))
+            cache[key] = np.concatenate((boxes.round(2), scores.round(4)[:, None], categories[:, None]), 1).tolist()
+            changed = True
+        rows = np.array(cache[key], np.float32).reshape(-1, 6)
+        found[key] = rows[rows[:, 4] >= min_score]
         report(TrainEvent("teacher", done=done + 1, total=len(images)))
-    if teacher is not None:
-        atomic_write_bytes(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache)))
+    if changed or not cache_file.exists():
+        payload = {"version": _TEACHER_CACHE_VERSION, "min_score": min_score, "images": cache}
+        atomic_write_bytes(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(payload)))
+    return found
+
+
+def _training_images(
+    images: list[AnnotatedImage], teacher: YoloxTeacher | None, threshold: float, ignore_threshold: float,
+    cache_file: Path, report: Reporter,
+) -> list[TrainingImage]:
+    """Boxes to train on: annotations (crowd removed) plus, with a teacher, its boxes for what they miss;
+    unlabeled images only with a teacher. On partially labelled and unlabeled images the teacher's less
+    sure boxes become ignore regions. Teacher detections are cached in ``cache_file``."""
+    if teacher is None:
+        return [TrainingImage(image.path, image.boxes[~image.crowd]) for image in images
+                if image.labelled and image.categories is None]
+    detections = _teacher_detections(images, teacher, min(threshold, ignore_threshold), cache_file, report)
+    result = []
+    for image in images:
+        rows = detections.get(str(image.path))
+        if rows is None:
+            continue
+        annotated = image.boxes[~image.crowd]
+        if image.labelled and image.categories is None:
+            boxes = merge_teacher_boxes(annotated, rows[rows[:, 4] >= threshold, :4])
+            result.append(TrainingImage(image.path, boxes))
+            continue
+        labelled = image.categories if image.labelled else frozenset()
+        boxes, ignore = partial_label_targets(annotated, labelled, rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64),
+                                              threshold, ignore_threshold)
+        result.append(TrainingImage(image.path, boxes, ignore))
     return result
 
 
-def _augmented(image: Image.Image, boxes: np.ndarray, spec: ModelSpec, size: int, flip: bool):
+def _augmented(image: Image.Image, boxes: np.ndarray, ignore: np.ndarray, spec: ModelSpec, size: int, flip: bool):
+    """(image tensor, boxes, ignore regions) resized to shorter side ``size``, mirrored when ``flip``."""
     resized = resize_image(image, spec.preprocess, size)
     sx, sy = resized.width / image.width, resized.height / image.height
-    scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
+
+    def place(rows: np.ndarray) -> torch.Tensor:
+        scaled = rows * np.array([sx, sy, sx, sy], np.float32)
+        if flip:
+            scaled = np.stack((resized.width - scaled[:, 2], scaled[:, 1], resized.width - scaled[:, 0], scaled[:, 3]), 1)
+        keep = ((scaled[:, 2] - scaled[:, 0]) >= 1) & ((scaled[:, 3] - scaled[:, 1]) >= 1)
+        return torch.from_numpy(scaled[keep].reshape(-1, 4))
+
+    placed_boxes, placed_ignore = place(boxes), place(ignore)
     if flip:
         resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        scaled = np.stack((resized.width - scaled[:, 2], scaled[:, 1], resized.width - scaled[:, 0], scaled[:, 3]), 1)
-    keep = ((scaled[:, 2] - scaled[:, 0]) >= 1) & ((scaled[:, 3] - scaled[:, 1]) >= 1)
-    return to_tensor(resized, spec.preprocess), torch.from_numpy(scaled[keep].reshape(-1, 4))
+    return to_tensor(resized, spec.preprocess), placed_boxes, placed_ignore
 
 
 def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage]) -> dict:
@@ -183,8 +238,8 @@ def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage
 def _provenance_summary(provenance: dict) -> dict:
     """What a checkpoint started from: its training command, data and figures, and what it itself
     started from (the per-epoch history is left out)."""
-    kept = ("trained_by", "command", "data", "training_images", "validation", "after_training", "initialised_from",
-            "converted_from", "source_format", "arch")  # the last three: a checkpoint from rpn convert
+    kept = ("trained_by", "command", "data", "partially_labelled_data", "validation_sets", "training_images",
+            "validation", "after_training", "initialised_from", "converted_from", "source_format", "arch")  # the last three: a checkpoint from rpn convert
     summary = {key: provenance[key] for key in kept if key in provenance}
     if "history" in provenance:
         summary["epochs"] = len(provenance["history"])
@@ -202,13 +257,22 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     images: list[AnnotatedImage] = []
     for source in config.sources:
         images.extend(load_dataset(source))
-    labelled = sum(image.labelled for image in images)
-    validation_count = min(config.validation_count, max(labelled - 1, 0))
-    train_images, validation = split_validation(images, validation_count, config.seed)
+    for source in config.partial_sources:
+        images.extend(load_coco(source, partial=True))
+    if config.validation_sets:
+        validation = [image for source in config.validation_sets for image in load_coco(source)]
+        train_images = without_photos_of(images, validation)
+    else:
+        complete = sum(image.labelled and image.categories is None for image in images)
+        validation_count = min(config.validation_count, max(complete - 1, 0))
+        train_images, validation = split_validation(images, validation_count, config.seed)
     teacher = YoloxTeacher(config.teacher) if config.teacher else None
-    if teacher is None and labelled < len(images):
-        report(TrainEvent("warning", message=f"{len(images) - labelled} unlabeled images are unused without --teacher"))
-    samples = _training_images(train_images, teacher, config.teacher_threshold, work_dir / "teacher_boxes.json", report)
+    incomplete = sum(not image.labelled or image.categories is not None for image in train_images)
+    if teacher is None and incomplete:
+        report(TrainEvent("warning", message=f"{incomplete} unlabeled or partially labelled images are unused "
+                                             "without --teacher"))
+    samples = _training_images(train_images, teacher, config.teacher_threshold, config.teacher_ignore_threshold,
+                               work_dir / "teacher_detections.json", report)
     if not samples:
         raise UsageError("no training images")
 
@@ -272,16 +336,17 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         for step in range(steps_per_epoch):
             chosen = [samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
             size = rng.choice(config.train_sizes)
-            tensors, boxes, sizes = [], [], []
+            tensors, boxes, ignores, sizes = [], [], [], []
             for sample in chosen:
                 try:
                     image = load_image(sample.path)
                 except ImageError as error:
                     report(TrainEvent("warning", message=f"skipped: {error}"))
                     continue
-                tensor, scaled = _augmented(image, sample.boxes, spec, size, rng.random() < 0.5)
+                tensor, scaled, ignore = _augmented(image, sample.boxes, sample.ignore, spec, size, rng.random() < 0.5)
                 tensors.append(tensor)
                 boxes.append(scaled.to(device))
+                ignores.append(ignore.to(device))
                 sizes.append((tensor.shape[2], tensor.shape[1]))
             if not tensors:
                 continue
@@ -294,7 +359,7 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
             if model.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp,
-                                target_settings, generator)
+                                target_settings, generator, ignores)
             loss = losses["objectness"] + losses["box"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -318,6 +383,8 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         "trained_by": "rpn train",
         "command": config.command,
         "data": [str(source) for source in config.sources],
+        "partially_labelled_data": list(config.partial_sources),
+        "validation_sets": list(config.validation_sets),
         "training_images": len(samples),
         "validation_images": [image.image_id for image in validation],
         "teacher": Path(config.teacher).name if config.teacher else None,

@@ -1,6 +1,7 @@
 """Targets, losses, data loading (COCO and VOC), the teacher, and short training runs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,45 @@ def test_an_image_without_boxes_has_only_negatives():
     anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [50.0, 50.0, 90.0, 90.0]])
     labels, _ = label_anchors(anchors, torch.zeros((0, 4)), 64, 64, SETTINGS)
     assert labels.tolist() == [NEGATIVE, IGNORE]
+
+
+def test_negatives_on_an_ignore_region_are_ignored():
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [64.0, 0.0, 96.0, 32.0], [64.0, 64.0, 96.0, 96.0],
+                            [66.0, 2.0, 98.0, 34.0]])
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    unknown = torch.tensor([[64.0, 0.0, 96.0, 32.0]])
+    labels, _ = label_anchors(anchors, boxes, 128, 128, SETTINGS, unknown)
+    # The positive stays positive; the anchor on the unknown region (IoU 1) and its neighbour (IoU 0.78)
+    # are ignored; the one away from it (IoU 0) stays negative.
+    assert labels.tolist() == [POSITIVE, IGNORE, NEGATIVE, IGNORE]
+    labels, _ = label_anchors(anchors, torch.zeros((0, 4)), 128, 128, SETTINGS, unknown)
+    assert labels.tolist() == [NEGATIVE, IGNORE, NEGATIVE, IGNORE]
+
+
+def test_partial_labels_merge_human_and_teacher_boxes():
+    from rpn_cli.teacher import partial_label_targets
+
+    person, dog = 1, 18
+    humans = np.array([[10, 10, 50, 90], [100, 10, 140, 90]], np.float32)
+    teacher = np.array([
+        [12, 11, 49, 92],      # a person the humans boxed: gives way to theirs
+        [200, 10, 240, 90],    # a person the humans left out: a person-only file is complete, so not kept
+        [300, 100, 380, 160],  # a dog: kept (no human labels dogs here)
+        [101, 12, 141, 88],    # the second person, taken for a dog: overlaps a human box, dropped
+        [400, 10, 440, 60],    # a less sure dog: neither object nor background
+        [500, 10, 540, 60],    # a dog below the ignore threshold: background
+    ], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.15, 0.05], np.float32)
+    categories = np.array([person, person, dog, dog, dog, dog])
+    boxes, ignore = partial_label_targets(humans, frozenset({person}), teacher, scores, categories,
+                                          threshold=0.2, ignore_threshold=0.1)
+    np.testing.assert_array_equal(boxes, np.array([[10, 10, 50, 90], [100, 10, 140, 90], [300, 100, 380, 160]],
+                                                  np.float32))
+    np.testing.assert_array_equal(ignore, np.array([[400, 10, 440, 60]], np.float32))
+    # An unlabeled photo (no category is complete): every confident teacher box is an object.
+    boxes, ignore = partial_label_targets(np.zeros((0, 4), np.float32), frozenset(), teacher, scores, categories,
+                                          threshold=0.2, ignore_threshold=0.1)
+    assert len(boxes) == 4 and len(ignore) == 1
 
 
 def test_sampling_keeps_256_at_most_half_positive():
@@ -204,10 +244,11 @@ def test_training_with_a_teacher_labels_unlabeled_folders(tmp_path, teacher_mode
     config = TrainConfig(sources=[str(folder / "instances.json"), str(unlabeled)], work_dir=str(work), epochs=1,
                          batch_size=2, validation_count=1, train_sizes=[128], teacher=str(teacher_model))
     train(config, _small_spec(), torch.device("cpu"))
-    cache = json.loads((work / "teacher_boxes.json").read_text())
-    labelled_by_teacher = [key for key in cache if key.startswith(str(unlabeled))]
+    cache = json.loads((work / "teacher_detections.json").read_text())
+    assert cache["min_score"] == 0.1
+    labelled_by_teacher = [key for key in cache["images"] if key.startswith(str(unlabeled))]
     assert len(labelled_by_teacher) == 2
-    assert all(len(cache[key]) > 0 for key in labelled_by_teacher)
+    assert all(len(cache["images"][key]) > 0 for key in labelled_by_teacher)
 
 
 def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path):
@@ -274,3 +315,42 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
         bad = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"), "--restart", *options])
         assert bad.exit_code == 2 and message in bad.output, bad.output
         assert (tmp_path / "imagenet" / "last.pt").is_file()  # refused before --restart deleted anything
+
+
+def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_path, teacher_model):
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from rpn_cli.checkpoint import load_checkpoint
+    from rpn_cli.cli import app
+
+    folder = _synthetic_dataset(tmp_path / "data")
+    held_out = _synthetic_dataset(tmp_path / "held-out", count=1)  # 000.jpg: the same photo name as in data
+    common = ["--partial", str(folder / "instances.json"), "--validation-set", str(held_out / "instances.json"),
+              "--train-sizes", "128", "--epochs", "1", "--batch-size", "2", "--quiet"]
+    runner = CliRunner()
+    no_teacher = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "work")])
+    assert no_teacher.exit_code == 2 and "--partial needs --teacher" in no_teacher.output
+    both = runner.invoke(app, ["train", *common, "--validation", "3", "--teacher", str(teacher_model),
+                               "--work-dir", str(tmp_path / "work")])
+    assert both.exit_code == 2 and "--validation and --validation-set: choose one" in both.output
+
+    run = runner.invoke(app, ["train", *common, "--teacher", str(teacher_model), "--work-dir", str(tmp_path / "work"),
+                              "--init", str(_small_checkpoint(tmp_path))])
+    assert run.exit_code == 0, run.output
+    provenance = load_checkpoint(tmp_path / "work" / "final.safetensors", "cpu").spec.provenance
+    assert provenance["training_images"] == 3  # 000.jpg is the validation set's
+    assert provenance["validation_images"] == ["1"]
+    assert provenance["partially_labelled_data"] == [str(folder / "instances.json")]
+    assert provenance["validation"]["images"] == 1
+    cache = json.loads((tmp_path / "work" / "teacher_detections.json").read_text())
+    assert sorted(Path(key).name for key in cache["images"]) == ["001.jpg", "002.jpg", "003.jpg"]
+
+
+def _small_checkpoint(tmp_path):
+    from rpn_cli.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(RegionProposalNetwork(_small_spec()), path)
+    return path
