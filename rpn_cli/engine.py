@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,10 +68,13 @@ def propose_images(
 
     Images are decoded ``workers`` at a time (0: in this thread), at most a few
     batches ahead of the model, so memory stays flat on any number of images;
-    those ``decoded_ahead`` has decoded are taken from it.
+    those ``decoded_ahead`` has decoded are taken from it. A batch holds only
+    consecutive images of the same size: padding one image to another's size
+    would change the features near its border, and so its proposals.
     """
     timings = timings or Timings()
     preprocess = model.spec.preprocess
+    divisible = int(preprocess.get("size_divisible", 1))
     pending: deque[tuple[InputImage, Future | tuple]] = deque()
     lookahead = max(1, batch_size) * (2 + workers)
     executor = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
@@ -102,6 +106,9 @@ def propose_images(
                 timings.failed += 1
                 yield ImageResult(item, error=error)
                 continue
+            if batch and _padded_size(batch[0][1], divisible) != _padded_size(prepared, divisible):
+                yield from _run_batch(batch, model, settings, top_k, timings)
+                batch = []
             batch.append((item, prepared))
             if len(batch) >= batch_size:
                 yield from _run_batch(batch, model, settings, top_k, timings)
@@ -110,6 +117,11 @@ def propose_images(
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _padded_size(image: PreparedImage, divisible: int) -> tuple[int, int]:
+    """The (H, W) an image is padded to when it runs alone (see :func:`pad_batch`)."""
+    return tuple(math.ceil(side / divisible) * divisible for side in image.tensor.shape[1:])
 
 
 def _run_batch(batch, model, settings, top_k, timings: Timings) -> Iterator[ImageResult]:

@@ -139,3 +139,27 @@ def test_decoding_ahead_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_batching_changes_speed_not_answers(small_checkpoint, tmp_path, precision):
+    """Mixed sizes, with runs of the same size that do get batched together."""
+    import shutil
+
+    import torch
+
+    from rpn_cli.engine import propose_images
+    from rpn_cli.export import load_model
+
+    order = ["chelsea", "chelsea", "astronaut", "coffee", "coffee", "coffee", "chelsea", "rocket", "rocket"]
+    paths = []
+    for index, name in enumerate(order):
+        paths.append(tmp_path / f"{index}-{name}.jpg")
+        shutil.copy(SAMPLES / f"{name}.jpg", paths[-1])
+    model = load_model(small_checkpoint, "cpu", precision)
+    settings = model.spec.proposal_settings()
+    one = list(propose_images(_inputs(paths), model, settings, batch_size=1))
+    four = list(propose_images(_inputs(paths), model, settings, batch_size=4))
+    assert [r.item.given for r in four] == [str(p) for p in paths]
+    for a, b in zip(one, four):
+        assert torch.equal(a.proposals.boxes, b.proposals.boxes) and torch.equal(a.proposals.scores, b.proposals.scores)
