@@ -9,6 +9,8 @@ import json
 import os
 import re
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,13 +123,29 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def load_plain_torch_file(path: Path, what: str):
+    """A ``torch.save`` file read as tensors and plain containers only (``weights_only``): pickled
+    objects and TorchScript archives (which carry code) are refused, never run. ``what`` names the
+    expected content in the error."""
+    _check_exists(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist()):
+                raise CheckpointError(f"{path}: a TorchScript archive, not a {what}; rpn does not load TorchScript here "
+                                      "(it runs code on loading)")
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: our one line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
+        # torch's own message advises weights_only=False, which would run the file's code: not repeated.
+        raise CheckpointError(f"{path}: not a readable {what}: it is not a PyTorch file, or it holds Python objects "
+                              "beyond tensors and plain containers, which rpn does not load") from error
+
+
 def read_torch_state_dict(path: Path) -> dict:
     """A ``.pth`` state dict, read without unpickling arbitrary objects."""
-    _check_exists(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
-        raise CheckpointError(f"{path}: not a readable PyTorch state dict ({_first_line(error)})") from error
+    state = load_plain_torch_file(path, "PyTorch state dict")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,23 +14,64 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException  # typer's own click: what its parser raises
 
 from . import __version__
-from .errors import RpnError, UsageError
+from .errors import OutputError, RpnError, UsageError
 
 class _Command(typer.Typer):
-    """The ``rpn`` entry point (console script, ``python -m rpn_cli``): exits without tearing down
-    the interpreter, which with PyTorch loaded takes 0.4 s, a fifth of a one-image run here.
-    Everything is written and closed by then; Ray runs keep the normal exit, whose hooks stop
-    its local cluster. In-process callers (tests, ``typer.testing``) are not affected."""
+    """The ``rpn`` entry point (console script, ``python -m rpn_cli``). Usage errors become one line
+    and exit 2; SIGTERM is handled like Ctrl-C. It exits without tearing down the interpreter, which
+    with PyTorch loaded takes 0.4 s, a fifth of a one-image run here. Everything is written and
+    closed by then; Ray runs keep the normal exit, whose hooks stop its local cluster. In-process
+    callers (tests, ``typer.testing``) are not affected."""
 
     def __call__(self, *args, **kwargs):
+        code = self.run(*args, **kwargs)
+        if "ray" in sys.modules:
+            sys.exit(code)
+        _exit_now(code)
+
+    def run(self, *args, **kwargs) -> int:
+        """Run a command line (``args``: as ``sys.argv[1:]``, default the process's) and return its exit
+        code: the one place where usage errors become one line and an exit code."""
+        signal.signal(signal.SIGTERM, _terminate)
         try:
-            return super().__call__(*args, **kwargs)
+            return super().__call__(*args, standalone_mode=False, **kwargs) or 0
+        except ClickException as error:
+            where = f"; see '{error.ctx.command_path} --help'" if getattr(error, "ctx", None) else ""
+            err.print(f"error: {error.format_message().rstrip('.')}{where}", markup=False, highlight=False,
+                      soft_wrap=True)
+            return error.exit_code
+        except typer.Abort:  # end of input at a prompt
+            err.print("interrupted", markup=False, highlight=False)
+            return 130
         except SystemExit as end:
-            if "ray" in sys.modules:
-                raise
-            _exit_now(end.code)
+            return end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt: files being written are
+    removed on the way out (``atomic_write_bytes``) and the exit code says which signal it was."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def interruptible(command):
+    """Ctrl-C and SIGTERM end a command with one line and the shell's codes, 130 and 143."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as stop:
+            terminated = isinstance(stop, Terminated)
+            err.print("terminated" if terminated else "interrupted", markup=False, highlight=False)
+            raise typer.Exit(143 if terminated else 130) from None
+
+    return run
 
 
 def _exit_now(code) -> None:
@@ -49,6 +92,7 @@ app = _Command(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False)
 
@@ -89,14 +133,20 @@ def _checkpoint_or_default(checkpoint: Optional[Path]) -> Path:
 
 CheckpointOption = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", "-c", help="A .safetensors checkpoint of ours, or a file from rpn export (.onnx, .pt). Default: the shipped one."),
+    typer.Option("--checkpoint", "-c", help="A .safetensors checkpoint of ours, or a file from rpn export (.onnx; .pt needs --trust-torchscript). Default: the shipped one."),
+]
+TrustTorchScriptOption = Annotated[
+    bool,
+    typer.Option("--trust-torchscript", help="Allow a TorchScript (.pt) checkpoint. Loading one RUNS CODE THE FILE CARRIES: only for files you made or trust."),
 ]
 
 
 @app.command()
+@interruptible
 def propose(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")] = None,
     checkpoint: CheckpointOption = None,
+    trust_torchscript: TrustTorchScriptOption = False,
     manifest: Annotated[Optional[Path], typer.Option("--manifest", help="A list of image paths: text (one per line), CSV or Parquet.")] = None,
     manifest_column: Annotated[Optional[str], typer.Option("--manifest-column", help="The CSV/Parquet column of paths (default: path, else the first).")] = None,
     engine: Annotated[str, typer.Option(help="local, or ray (Ray Data; needs --out).")] = "local",
@@ -118,7 +168,7 @@ def propose(
     draw_top: Annotated[int, typer.Option("--draw-top", min=0, help="Proposals drawn on PNG overlays.")] = 50,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip images whose outputs exist in --out.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse larger images (decompression bomb guard).")] = 89_478_485,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bomb guard).")] = 89_478_485,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Propose object boxes for images: JSON Lines on stdout, or files in --out."""
@@ -142,26 +192,28 @@ def propose(
             decoded_ahead = DecodeAhead(items, max_pixels)
         from .devices import default_decode_workers, resolve_device
         from .export import load_model
-        from .outputs import check_output_names, parse_formats
+        from .outputs import check_output_names, check_output_paths, parse_formats
 
         if engine == "ray":
             _run_ray(items, checkpoint, out, output_format, ray_address, actors, device, precision, top_k, max_pixels,
-                     skip_existing, quiet, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
+                     skip_existing, quiet, trust_torchscript, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
                                                 nms_iou=nms_iou, min_size=min_size, min_score=min_score))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
         if out is not None and "jsonl" in formats:
             raise UsageError("jsonl goes to stdout; with --out use json, png or coco")
-        model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision)
+        if out is not None and any(f in ("json", "png") for f in formats):
+            check_output_names(items)
+            check_output_paths(out, items, formats)
+        model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision,
+                           trust_torchscript=trust_torchscript)
         if workers is None:
             workers = default_decode_workers(model.device)
         settings = model.spec.proposal_settings(
             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
             min_score=min_score,
         )
-        if out is not None and any(f in ("json", "png") for f in formats):
-            check_output_names(items)
         code = _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top,
                             skip_existing, fail_fast, max_pixels, quiet, decoded_ahead)
     except RpnError as error:
@@ -173,7 +225,7 @@ def propose(
 
 
 def _run_ray(items, checkpoint, out, output_format, address, actors, device, precision, top_k, max_pixels,
-             skip_existing, quiet, overrides) -> None:
+             skip_existing, quiet, trust_torchscript, overrides) -> None:
     """``rpn propose --engine ray``: always ends the command (exit 0, or 1 when an image failed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -183,7 +235,7 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
     if out is None:
         raise UsageError("--engine ray writes shards into a folder: give --out")
     path = _checkpoint_or_default(checkpoint)
-    spec = load_model(path, "cpu").spec
+    spec = load_model(path, "cpu", trust_torchscript=trust_torchscript).spec
     settings = spec.proposal_settings(**overrides).to_dict()
     with Progress(TextColumn("ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                   TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal) as progress:
@@ -196,7 +248,7 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
 
         summary = propose_with_ray(items, path, out, settings, spec.preprocess, output_format or "jsonl",
                                    address or os.environ.get("RAY_ADDRESS"), device, precision, actors, top_k,
-                                   max_pixels, skip_existing, progress=advance)
+                                   max_pixels, skip_existing, progress=advance, trust_torchscript=trust_torchscript)
     if not quiet:
         err.print(f"{summary.images} images, {summary.proposals} proposals, {summary.failed} failed"
                   + (f", {summary.skipped} skipped (records exist)" if summary.skipped else "")
@@ -204,15 +256,28 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
     raise typer.Exit(1 if summary.failed else 0)
 
 
+def _write_stdout(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OutputError(f"standard output: cannot write ({error.strerror or error})") from error
+
+
 def _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
                  fail_fast, max_pixels, quiet, decoded_ahead=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .engine import Timings, propose_images
-    from .outputs import COCO_RESULTS_NAME, image_outputs, proposal_record, write_coco_results, write_image_outputs
+    from .outputs import (COCO_RESULTS_NAME, image_outputs, proposal_record, remove_stale_temporaries,
+                          write_coco_results, write_image_outputs)
 
     started = time.perf_counter()
     skipped = 0
+    if skip_existing and out is not None and out.is_dir():
+        remove_stale_temporaries(out)
     if skip_existing and out is not None and any(f in ("json", "png") for f in formats):
         remaining = [i for i in items if not all(p.exists() for p in image_outputs(out, i.relative, formats))]
         skipped = len(items) - len(remaining)
@@ -235,8 +300,7 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
                         break
                     continue
                 if "jsonl" in formats:
-                    sys.stdout.write(json.dumps(proposal_record(result.item.given, result.proposals)) + "\n")
-                    sys.stdout.flush()
+                    _write_stdout(json.dumps(proposal_record(result.item.given, result.proposals)) + "\n")
                 if out is not None:
                     write_image_outputs(out, result, formats, draw_top)
                     if "coco" in formats:
@@ -249,8 +313,7 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
             return 141
         except KeyboardInterrupt:
             results.close()
-            err.print("interrupted", markup=False)
-            return 130
+            raise
         except RpnError as error:
             results.close()
             fail(error)
@@ -270,7 +333,7 @@ def anchors(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Show this checkpoint's anchors (else --ratios/--scales/--stride).")] = None,
     ratios: Annotated[str, typer.Option(help="Height/width ratios, comma-separated.")] = "0.5,1,2",
     scales: Annotated[str, typer.Option(help="Scales of the base size, comma-separated.")] = "8,16,32",
-    stride: Annotated[int, typer.Option(help="Feature stride, also the base size.")] = 16,
+    stride: Annotated[int, typer.Option(min=1, help="Feature stride, also the base size.")] = 16,
     image: Annotated[Optional[Path], typer.Option("--image", help="Draw the anchor grid over this image (resized as the checkpoint would).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a PNG of the anchors here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
@@ -294,6 +357,9 @@ def anchors(
         else:
             ratio_values, scale_values = _floats(ratios, "--ratios"), _floats(scales, "--scales")
             shapes = anchor_shapes(stride, ratio_values, scale_values)
+            if not torch.isfinite(shapes).all() or (shapes[:, 2:] - shapes[:, :2]).min() <= 0:
+                raise UsageError(f"--stride {stride} --ratios {ratios} --scales {scales}: anchors too large or "
+                                 "too thin to represent")
             levels, offset, preprocess = [{"stride": stride, "anchors": shapes.tolist()}], 0.0, None
         rows = []
         for number, level in enumerate(levels):
@@ -397,10 +463,11 @@ def convert(
 
 
 @app.command()
+@interruptible
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint of ours.")],
     destination: Annotated[Path, typer.Argument(help="The file to write (.onnx, or .pt for TorchScript).")],
-    export_format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
+    export_format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript (deprecated by PyTorch; loading it back runs code, so rpn needs --trust-torchscript for it).")] = "onnx",
 ) -> None:
     """Export the network (backbone and head; dynamic image size) for deployment tools.
 
@@ -417,15 +484,18 @@ def export(
 
 
 @app.command(name="eval")
+@interruptible
 def evaluate(
     annotations: Annotated[Path, typer.Argument(help="A COCO .json annotation file or a VOC folder.")],
     checkpoint: CheckpointOption = None,
+    trust_torchscript: TrustTorchScriptOption = False,
     proposals: Annotated[Optional[Path], typer.Option("--proposals", help="A JSON Lines file from rpn propose, instead of running a checkpoint.")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (default: images/ beside a COCO file).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 (as rpn propose).")] = "auto",
     post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Proposals per image when running a checkpoint.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate on the first N images only.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="An annotated image that cannot be read is an error (exit 5), not left out of the figures with a warning.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write recall curves to this PNG (needs matplotlib).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -435,8 +505,17 @@ def evaluate(
     from rich.table import Table
 
     from .devices import resolve_device
+    from .errors import DataError
     from .evaluate import (average_recall_report, load_ground_truth, proposals_from_jsonl, proposals_from_model,
-                           write_recall_plot)
+                           readable_only, write_recall_plot)
+
+    left_out = []
+
+    def unreadable(image, error) -> None:
+        if strict:
+            raise DataError(f"{error} (an annotated image; --strict)")
+        err.print(f"warning: {error}; left out of the figures", markup=False, highlight=False, soft_wrap=True)
+        left_out.append(image)
 
     try:
         ground_truth = load_ground_truth(annotations, images, limit)
@@ -445,13 +524,18 @@ def evaluate(
         else:
             from .export import load_model
 
-            model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision)
+            model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision,
+                               trust_torchscript=trust_torchscript)
             settings = model.spec.proposal_settings(post_nms_top_n=post_nms_top_n)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:
                 task = progress.add_task("images", total=len(ground_truth))
-                found = proposals_from_model(model, ground_truth, settings, lambda: progress.advance(task))
+                found = proposals_from_model(model, ground_truth, settings, lambda: progress.advance(task), unreadable)
+            ground_truth = readable_only(ground_truth, left_out)
+            if not ground_truth:
+                raise DataError(f"{annotations}: none of its images could be read")
         report = average_recall_report(ground_truth, found)
+        report["unreadable_images"] = len(left_out)
         if plot is not None:
             write_recall_plot(ground_truth, found, plot)
     except RpnError as error:
@@ -466,6 +550,7 @@ def evaluate(
 
 
 @app.command()
+@interruptible
 def train(
     work_dir: Annotated[Path, typer.Option("--work-dir", help="Where epoch checkpoints (for --resume) and final.safetensors go.")],
     data: Annotated[Optional[list[Path]], typer.Argument(help="COCO .json files, VOC folders, or folders of unlabeled images (these need --teacher).")] = None,

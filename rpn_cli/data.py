@@ -44,19 +44,16 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path | None = None, 
     annotation_file = Path(annotation_file)
     try:
         data = json.loads(annotation_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{annotation_file}: not a readable COCO JSON file ({error})") from error
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DataError(f"{annotation_file}: a COCO file needs 'images' and 'annotations'")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise DataError(f"{annotation_file}: a COCO file needs 'images' and 'annotations' lists")
     if image_dir is None:
         image_dir = annotation_file.parent / "images"
         if not image_dir.is_dir():
             image_dir = annotation_file.parent
     image_dir = Path(image_dir)
-    per_image: dict = {image["id"]: [] for image in data["images"]}
-    for annotation in data["annotations"]:
-        if annotation.get("image_id") in per_image:
-            per_image[annotation["image_id"]].append(annotation)
     categories = None
     if partial:
         try:
@@ -66,17 +63,40 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path | None = None, 
                             f"with their ids ({error})") from error
         if not categories:
             raise DataError(f"{annotation_file}: a partially labelled COCO file needs at least one category")
+    per_image: dict = {}
+    for number, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise DataError(f"{annotation_file}: images[{number}] needs an 'id' and a 'file_name'")
+        per_image[image["id"]] = []
+    for number, annotation in enumerate(data["annotations"]):
+        if not isinstance(annotation, dict):
+            raise DataError(f"{annotation_file}: annotations[{number}] is not an object")
+        if annotation.get("image_id") in per_image:
+            per_image[annotation["image_id"]].append((number, annotation))
     images = []
-    for image in data["images"]:
-        annotations = per_image[image["id"]]
-        boxes = np.array(
-            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in annotations],
-            np.float32,
-        ).reshape(-1, 4)
-        crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations], bool)
-        areas = np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in annotations], np.float64)
-        images.append(AnnotatedImage(image_dir / image["file_name"], int(image["width"]), int(image["height"]),
-                                     str(image["id"]), boxes, crowd, areas, categories=categories))
+    for number, image in enumerate(data["images"]):
+        rows, crowd, areas = [], [], []
+        for index, annotation in per_image[image["id"]]:
+            box = annotation.get("bbox")
+            wrong = DataError(f"{annotation_file}: annotations[{index}] needs a 'bbox' of 4 numbers "
+                              f"(x, y, width, height) and a numeric 'area', got {box!r}")
+            if not isinstance(box, list) or len(box) != 4:
+                raise wrong
+            try:
+                x, y, w, h = (float(value) for value in box)
+                area = float(annotation.get("area", w * h))
+            except (TypeError, ValueError) as error:
+                raise wrong from error
+            rows.append([x, y, x + w, y + h])
+            crowd.append(bool(annotation.get("iscrowd", 0)))
+            areas.append(area)
+        try:
+            width, height = int(image["width"]), int(image["height"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{annotation_file}: images[{number}] needs a whole-number 'width' and 'height'") from error
+        images.append(AnnotatedImage(image_dir / image["file_name"], width, height, str(image["id"]),
+                                     np.array(rows, np.float32).reshape(-1, 4), np.array(crowd, bool),
+                                     np.array(areas, np.float64), categories=categories))
     return images
 
 
@@ -121,8 +141,8 @@ def load_unlabeled(folder: str | Path) -> list[AnnotatedImage]:
         try:
             with Image.open(path) as image:
                 width, height = image.size
-        except OSError:
-            width = height = 0  # unreadable: skipped with a warning when training reaches it
+        except (OSError, Image.DecompressionBombError):
+            width = height = 0  # unreadable or too large: skipped with a warning when training reaches it
         images.append(AnnotatedImage(path, width, height, str(path.relative_to(folder)), labelled=False))
     if not images:
         raise DataError(f"{folder}: no images")

@@ -137,20 +137,30 @@ def load_ground_truth(annotations: Path, images: Path | None = None, limit: int 
 
 def proposals_from_model(
     model: RegionProposalNetwork | ExportedRegionProposalNetwork, ground_truth: Sequence[AnnotatedImage], settings: ProposalSettings,
-    advance: Callable[[], None] = lambda: None,
+    advance: Callable[[], None] = lambda: None, unreadable: Callable[[AnnotatedImage, ImageError], None] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Run ``model`` on every annotated image; unreadable images get no proposals."""
+    """Run ``model`` on every annotated image. An image that cannot be read (missing, corrupt) gets no
+    entry and is passed to ``unreadable`` (which may raise); the figures should then leave it out
+    (:func:`readable_only`), not count its objects as missed."""
     found = {}
     for image in ground_truth:
         try:
             prepared = prepare_image(load_image(image.path), model.spec.preprocess)
-        except ImageError:
+        except ImageError as error:
+            if unreadable is not None:
+                unreadable(image, error)
             advance()
             continue
         result = proposals_for_batch(model, [prepared], settings)[0]
         found[image.image_id] = (result.boxes.numpy(), result.scores.numpy())
         advance()
     return found
+
+
+def readable_only(ground_truth: Sequence[AnnotatedImage], unreadable: Sequence[AnnotatedImage]) -> list[AnnotatedImage]:
+    """The annotated images less those that could not be read: what the figures are computed over."""
+    left_out = {image.image_id for image in unreadable}
+    return [image for image in ground_truth if image.image_id not in left_out]
 
 
 def proposals_from_jsonl(path: Path, ground_truth: Sequence[AnnotatedImage]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

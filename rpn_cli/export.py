@@ -8,6 +8,7 @@ so ``rpn propose --checkpoint model.onnx`` gives the same proposals.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,15 +91,19 @@ class ExportedRegionProposalNetwork:
     channels_last = False
     precision, dtype = "float32", torch.float32  # exported files run as they were exported
 
-    def __init__(self, path: str | Path, device: torch.device):
+    def __init__(self, path: str | Path, device: torch.device, *, trust_torchscript: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such checkpoint")
         self.device = device
         if self.path.suffix in ONNX_SUFFIXES:
             self._load_onnx()
-        else:
+        elif trust_torchscript:
             self._load_torchscript()
+        else:
+            raise CheckpointError(f"{self.path}: a TorchScript file runs code it carries when it is loaded; "
+                                  "load it only if you trust its source (--trust-torchscript), "
+                                  "or use our .safetensors or an .onnx export")
 
     def _load_onnx(self) -> None:
         try:
@@ -119,7 +124,9 @@ class ExportedRegionProposalNetwork:
     def _load_torchscript(self) -> None:
         files = {METADATA_KEY: ""}
         try:
-            self.module = torch.jit.load(str(self.path), map_location=self.device, _extra_files=files)
+            with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the CLI's help says it
+                warnings.simplefilter("ignore", FutureWarning)
+                self.module = torch.jit.load(str(self.path), map_location=self.device, _extra_files=files)
         except (RuntimeError, ValueError) as error:
             raise CheckpointError(f"{self.path}: not a loadable TorchScript file ({str(error).splitlines()[0]})") from error
         self.spec = self._spec_from(files[METADATA_KEY] or None)
@@ -139,16 +146,18 @@ class ExportedRegionProposalNetwork:
         return flatten_outputs(self.spec, self.raw_outputs(images), tuple(images.shape[2:]))
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", precision: str = "float32"):
+def load_model(path: str | Path, device: torch.device | str = "cpu", precision: str = "float32", *,
+               trust_torchscript: bool = False):
     """Our ``.safetensors`` checkpoint, or an exported ``.onnx`` / TorchScript file, ready to propose.
 
     ``precision`` (see :func:`rpn_cli.devices.resolve_precision`) applies to our checkpoints;
-    exported files run as they were exported (float32).
+    exported files run as they were exported (float32). TorchScript files (by suffix) can run code on
+    loading: they are refused unless ``trust_torchscript``; safetensors and ONNX files carry no code.
     """
     path = Path(path)
     device = torch.device(device)
     if path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
-        return ExportedRegionProposalNetwork(path, device)
+        return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)
     model = load_checkpoint(path, device)
     dtype = PRECISION_DTYPES[resolve_precision(precision, device)]
     if dtype != torch.float32 or getattr(model.backbone, "fold_in_float32", True):

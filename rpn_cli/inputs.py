@@ -49,8 +49,11 @@ def expand_inputs(inputs: Iterable[str], recursive: bool = False, stdin: TextIO 
             result.extend(expand_inputs([line for line in lines if line and line != "-"], recursive))
         elif os.path.isdir(item):
             result.extend(_folder_images(item, recursive))
-        elif os.path.exists(item):
+        elif os.path.isfile(item):
             result.append(InputImage(item, os.path.basename(item)))
+        elif os.path.exists(item):
+            # Opening a named pipe would wait for a writer forever; devices and sockets are no images.
+            result.append(InputImage(item, os.path.basename(item), "not a regular file (a pipe, device or socket)"))
         elif _GLOB_CHARS & set(item):
             matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m) and _is_image(m))
             if not matches:
@@ -69,13 +72,29 @@ def read_manifest(path: str | Path, column: str | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such manifest")
+    try:
+        return _manifest_paths(path, column)
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: a manifest must be UTF-8 text ({error.reason} at byte {error.start})") from error
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read the manifest ({error.strerror or error})") from error
+
+
+def _manifest_paths(path: Path, column: str | None) -> list[str]:
+    from .errors import UsageError
+
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as parquet
         except ImportError as error:
             raise UsageError(f"{path}: reading Parquet needs pyarrow (pip install \"rpn-cli[ray]\")") from error
-        table = parquet.read_table(path)
+        import pyarrow
+
+        try:
+            table = parquet.read_table(path)
+        except pyarrow.ArrowException as error:
+            raise UsageError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})") from error
         name = column or ("path" if "path" in table.column_names else table.column_names[0])
         if name not in table.column_names:
             raise UsageError(f"{path}: no column {name!r} (columns: {', '.join(table.column_names)})")
@@ -83,11 +102,11 @@ def read_manifest(path: str | Path, column: str | None = None) -> list[str]:
     if suffix == ".csv":
         import csv
 
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             names = reader.fieldnames or []
             name = column or ("path" if "path" in names else (names[0] if names else None))
             if name not in names:
                 raise UsageError(f"{path}: no column {name!r} (columns: {', '.join(names)})")
             return [row[name] for row in reader if row.get(name)]
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

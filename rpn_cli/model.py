@@ -8,6 +8,7 @@ checkpoint is guessed at load time.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,11 +64,9 @@ class ModelSpec:
             raise CheckpointError(f"{source}: written by a newer rpn (format {data['format_version']})")
         known = set(cls.__dataclass_fields__)
         spec = cls(**{key: value for key, value in data.items() if key in known})
-        if spec.score not in SCORE_KINDS:
-            raise CheckpointError(f"{source}: unknown score kind {spec.score!r}")
-        counts = {len(level["anchors"]) for level in spec.levels}
-        if len(counts) != 1:
-            raise CheckpointError(f"{source}: every level needs the same number of anchors, got {sorted(counts)}")
+        problem = _description_problem(spec)
+        if problem:
+            raise CheckpointError(f"{source}: model description: {problem}")
         return spec
 
     @property
@@ -77,6 +76,50 @@ class ModelSpec:
     def proposal_settings(self, **overrides) -> ProposalSettings:
         values = {**self.proposals, **{k: v for k, v in overrides.items() if v is not None}}
         return ProposalSettings(**values).validated()
+
+
+# Input sides a description may ask for: beyond these a file would make us allocate absurd tensors.
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 8192
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _description_problem(spec: ModelSpec) -> str | None:
+    """What is wrong with a description read from a file (types and ranges), or None."""
+    for name in ("backbone", "head", "preprocess", "proposals", "provenance"):
+        if not isinstance(getattr(spec, name), dict):
+            return f"{name} must be an object"
+    if not isinstance(spec.backbone.get("name"), str):
+        return "backbone needs a name"
+    if not isinstance(spec.levels, list) or not spec.levels:
+        return "levels must be a non-empty list"
+    for number, level in enumerate(spec.levels):
+        if not isinstance(level, dict) or not isinstance(level.get("stride"), int) or level["stride"] < 1:
+            return f"levels[{number}] needs a positive whole 'stride'"
+        anchors = level.get("anchors")
+        if not isinstance(anchors, list) or not anchors or not all(
+                isinstance(box, list) and len(box) == 4 and all(map(_is_number, box)) for box in anchors):
+            return f"levels[{number}] needs 'anchors', a list of [x1, y1, x2, y2] numbers"
+    counts = {len(level["anchors"]) for level in spec.levels}
+    if len(counts) != 1:
+        return f"every level needs the same number of anchors, got {sorted(counts)}"
+    if spec.score not in SCORE_KINDS:
+        return f"unknown score kind {spec.score!r}"
+    mid = spec.head.get("mid_channels")
+    if not isinstance(mid, int) or not 1 <= mid <= 4096:
+        return "head.mid_channels must be a whole number from 1 to 4096"
+    for key in ("size", "max_size"):
+        value = spec.preprocess.get(key)
+        if (key == "size" or value is not None) and not (
+                _is_number(value) and MIN_INPUT_SIDE <= value <= MAX_INPUT_SIDE):
+            return f"preprocess.{key} must be a number of pixels from {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}, got {value!r}"
+    if not (isinstance(spec.box_weights, list) and len(spec.box_weights) == 4 and all(map(_is_number, spec.box_weights))):
+        return "box_weights must be 4 numbers"
+    if not _is_number(spec.delta_clamp) or not _is_number(spec.anchor_offset):
+        return "delta_clamp and anchor_offset must be numbers"
+    return None
 
 
 class RPNHead(nn.Module):

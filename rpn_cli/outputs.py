@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path, PurePath
 
 from PIL import Image
@@ -53,6 +54,41 @@ def check_output_names(items: list[InputImage]) -> None:
         if stem in seen and seen[stem] != item.given:
             raise UsageError(f"{item.given} and {seen[stem]} would both write {stem}.json/.png; give them distinct names")
         seen[stem] = item.given
+
+
+def check_output_paths(out_dir: Path, items: list[InputImage], formats: list[str]) -> None:
+    """Before any work: no output may replace an input, and none is written through a symbolic link
+    to a folder inside ``out_dir`` (it would land outside it). Raises :class:`UsageError` naming the clash."""
+    inputs = {os.path.realpath(item.given): item.given for item in items if not item.problem}
+    checked: set[Path] = set()
+    for item in items:
+        for path in image_outputs(out_dir, item.relative, formats):
+            folder = out_dir
+            for part in path.relative_to(out_dir).parts[:-1]:
+                folder = folder / part
+                if folder not in checked and folder.is_symlink():
+                    raise UsageError(f"{folder}: a symbolic link inside --out; rpn does not write through it "
+                                     "(remove it or choose another --out)")
+                checked.add(folder)
+            clash = inputs.get(os.path.realpath(path))
+            if clash is not None:
+                raise UsageError(f"{path} would replace the input {clash}; choose another --out")
+
+
+# What atomic_write_bytes leaves when a run is killed mid-write: ".NAME.<8 random>.tmp".
+_STALE_TEMPORARY = re.compile(r"\..+\.(json|png)\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete the temporary files an earlier killed run of ours left in ``out_dir`` (not following
+    links); returns how many. Only for a resumed run: a run writing now would lose its files."""
+    removed = 0
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            if _STALE_TEMPORARY.fullmatch(name):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def image_outputs(out_dir: Path, relative: str, formats: list[str]) -> list[Path]:

@@ -90,12 +90,13 @@ def _decode(batch: dict, preprocess: dict, max_pixels: int | None) -> dict:
 class _ProposalActor:
     """One model per actor, loaded once; runs the network and the proposal layer on decoded images."""
 
-    def __init__(self, checkpoint: str, device: str, precision: str, settings: dict, top_k: int | None):
+    def __init__(self, checkpoint: str, device: str, precision: str, settings: dict, top_k: int | None,
+                 trust_torchscript: bool = False):
         from .devices import resolve_device
         from .export import load_model
         from .proposals import ProposalSettings
 
-        self.model = load_model(checkpoint, resolve_device(device), precision)
+        self.model = load_model(checkpoint, resolve_device(device), precision, trust_torchscript=trust_torchscript)
         self.settings = ProposalSettings(**settings)
         self.top_k = top_k
 
@@ -135,6 +136,7 @@ def propose_with_ray(
     skip_existing: bool = False,
     num_cpus: int | None = None,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    trust_torchscript: bool = False,
 ) -> RayRunSummary:
     """Run the proposals of ``items`` on Ray and write shards and a summary into ``out_dir``."""
     ray = _import_ray()
@@ -166,7 +168,8 @@ def propose_with_ray(
                                       batch_size=4, num_cpus=1)
         dataset = dataset.map_batches(
             _ProposalActor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "device": device,
-                                                   "precision": precision, "settings": settings, "top_k": top_k},
+                                                   "precision": precision, "settings": settings, "top_k": top_k,
+                                                   "trust_torchscript": trust_torchscript},
             batch_size=4, concurrency=pool, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         )
         shard: list[str] = []

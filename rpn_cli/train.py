@@ -18,10 +18,10 @@ from torch import nn
 
 from .backbones import load_imagenet_weights
 from .boxes import encode_boxes
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, load_plain_torch_file, save_checkpoint
 from .data import AnnotatedImage, load_coco, load_dataset, split_validation, without_photos_of
 from .errors import CheckpointError, ImageError, UsageError
-from .evaluate import average_recall_report, proposals_from_model
+from .evaluate import average_recall_report, proposals_from_model, readable_only
 from .images import load_image
 from .model import ModelSpec, RegionProposalNetwork
 from .preprocess import resize_image, to_tensor
@@ -229,10 +229,34 @@ def _augmented(image: Image.Image, boxes: np.ndarray, ignore: np.ndarray, spec: 
     return to_tensor(resized, spec.preprocess), placed_boxes, placed_ignore
 
 
-def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage]) -> dict:
-    """AR report of ``model`` (its default proposal settings) on annotated images."""
-    found = proposals_from_model(model, images, model.spec.proposal_settings())
-    return average_recall_report(images, found, (10, 100, 300))
+def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage],
+                   report: Reporter = lambda event: None) -> dict:
+    """AR report of ``model`` (its default proposal settings) on annotated images; an image that cannot
+    be read is reported and left out of the figures (``unreadable_images`` counts them)."""
+    left_out: list[AnnotatedImage] = []
+
+    def unreadable(image: AnnotatedImage, error: ImageError) -> None:
+        report(TrainEvent("warning", message=f"validation: {error}; left out of the figures"))
+        left_out.append(image)
+
+    found = proposals_from_model(model, images, model.spec.proposal_settings(), unreadable=unreadable)
+    readable = readable_only(images, left_out)
+    figures = average_recall_report(readable, found, (10, 100, 300)) if readable else {"images": 0}
+    return {**figures, "unreadable_images": len(left_out)}
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _read_training_state(path: Path) -> dict:
+    """``last.pt`` read as plain tensors and containers: a file that needs anything else (a pickled
+    object, TorchScript) is refused, never run."""
+    state = load_plain_torch_file(path, "training state written by rpn train (use --restart to start over)")
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a training state written by rpn train (no model weights); "
+                              "use --restart to start over or another --work-dir")
+    return state
 
 
 def _provenance_summary(provenance: dict) -> dict:
@@ -313,13 +337,17 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     setup = json.dumps({"backbone": spec.backbone, "levels": spec.levels, "from_scratch": from_scratch,
                         "fixed_blocks": fixed_blocks}, sort_keys=True)
     if state_file.exists():
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        state = _read_training_state(state_file)
         if state.get("setup", setup) != setup:
             raise CheckpointError(f"{state_file}: saved by a run with another backbone, start or --freeze-blocks; "
                                   "use --restart to start over or another --work-dir")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]), json.loads(state["history"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, history = int(state["epoch"]), json.loads(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{state_file}: not a training state of this run ({_first_line(error)}); "
+                                  "use --restart to start over or another --work-dir") from error
         report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {start_epoch}"))
 
     target_settings = TargetSettings(
@@ -369,7 +397,7 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
             report(TrainEvent("step", done=step + 1, total=steps_per_epoch, epoch=epoch + 1,
                               losses={key: value / (step + 1) for key, value in sums.items()}))
         model.eval()
-        last_report = evaluate_model(model, validation) if validation else {}
+        last_report = evaluate_model(model, validation, report) if validation else {}
         history.append({"epoch": epoch + 1, "seconds": round(time.time() - started, 1),
                         "losses": {key: round(value / steps_per_epoch, 5) for key, value in sums.items()},
                         "validation": last_report})

@@ -56,7 +56,7 @@ def exported(request, tmp_path_factory, default_checkpoint):
 @pytest.mark.parametrize("name", ["model.onnx", "model.pt"])
 def test_outputs_equal_pytorch_on_real_images(exported, name):
     checkpoint, folder = exported
-    reference, model = load_model(checkpoint), load_model(folder / name)
+    reference, model = load_model(checkpoint), load_model(folder / name, trust_torchscript=True)
     assert model.spec.to_dict() == reference.spec.to_dict()
     photos = [prepare_image(load_image(SAMPLES / sample), reference.spec.preprocess).tensor
               for sample in ("rocket.jpg", "chelsea.jpg")]
@@ -78,7 +78,8 @@ def test_propose_with_an_exported_file_gives_the_same_proposals(exported, name):
                 run_rpn("propose", *images, "-c", checkpoint, "-q", "--precision", "float32",
                       check=True).stdout.splitlines()]
     actual = [json.loads(line) for line in
-              run_rpn("propose", *images, "-c", folder / name, "-q", check=True).stdout.splitlines()]
+              run_rpn("propose", *images, "-c", folder / name, "-q", "--trust-torchscript",
+                      check=True).stdout.splitlines()]
     for ours, theirs in zip(actual, expected):
         assert len(ours["boxes"]) == len(theirs["boxes"])
         # Outputs agree to ~1e-5; boxes whose scores nearly tie may swap places, nothing else moves.
