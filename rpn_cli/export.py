@@ -58,9 +58,11 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
     if export_format == "onnx":
         _export_onnx(wrapper, model.spec, example, description, destination)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():  # PyTorch's deprecation notice: our help says it
+            warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(wrapper, example, check_trace=False)
-        atomic_write_bytes(destination, lambda tmp: torch.jit.save(traced, tmp, _extra_files={METADATA_KEY: description}))
+            atomic_write_bytes(destination,
+                               lambda tmp: torch.jit.save(traced, tmp, _extra_files={METADATA_KEY: description}))
 
 
 def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destination: Path) -> None:

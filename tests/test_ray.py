@@ -1,11 +1,16 @@
 """The Ray Data engine gives the local engine's records, with errors as records, and resumes."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import run_rpn
+from conftest import ROOT, SAMPLES, run_rpn
 
 pytest.importorskip("ray.data", reason="Ray is the optional ray extra")
 
@@ -98,3 +103,45 @@ def test_ray_manifest_and_parquet(folder, small_checkpoint, tmp_path):
         assert_records_close({"image": row["image"], "boxes": row["boxes"], "scores": row["scores"]},
                              {"image": row["image"], "boxes": expected[row["image"]]["boxes"],
                               "scores": expected[row["image"]]["scores"]})
+
+
+def _actor_at_work() -> int | None:
+    """The pid of a Ray worker running our model actor's batch, if one is at it now."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                title = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if "MapBatches(_ProposalActor)).submit" in title:
+                return int(entry)
+    return None
+
+
+def test_a_killed_ray_worker_is_replaced_and_every_record_is_written_once(tmp_path, small_checkpoint):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(60):
+        shutil.copy(SAMPLES / ("coffee.jpg", "rocket.jpg", "chelsea.jpg")[index % 3], images / f"{index:03d}.jpg")
+    local = run_rpn("propose", images, "-c", small_checkpoint, "-q", check=True)
+    expected = {r["image"]: r for r in map(json.loads, local.stdout.splitlines())}
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rpn_cli", "propose", str(images), "--engine", "ray", "--out", str(out),
+               "-c", str(small_checkpoint), "--actors", "1", "-q"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and process.poll() is None and time.time() < deadline:
+        killed = _actor_at_work()
+        if killed is not None:
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    stderr = process.communicate(timeout=600)[1]
+    assert killed is not None, "the run ended before its model actor could be killed"
+    assert process.returncode == 0, stderr
+    records = _shard_records(out)
+    assert sorted(r["image"] for r in records) == sorted(expected)  # every image once: none lost, none twice
+    for record in records:
+        assert_records_close(record, expected[record["image"]])
