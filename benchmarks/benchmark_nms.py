@@ -18,6 +18,7 @@ from torchvision.ops import nms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 from rpn_cli.nms import greedy_nms  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "coco-train2017" / "images"
@@ -33,7 +34,7 @@ def _rpn_candidates(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from rpn_cli.predict import proposals_for_batch
     from rpn_cli.preprocess import prepare_image
 
-    model = load_model(ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors")
+    model = load_model(DEFAULT_CHECKPOINT)
     settings = replace(model.spec.proposal_settings(), nms_iou=1.0, post_nms_top_n=10**9)
     candidates = []
     for path in sorted(PHOTOS.glob("*.jpg"))[:count]:

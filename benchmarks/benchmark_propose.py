@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "coco-train2017" / "images"
 
 
@@ -216,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--count", type=int, default=50)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seed-weights", type=Path,
                         help="A resnet50-c4 checkpoint of ours (rpn train --backbone resnet50-c4) whose weights the "
                              "seed's code and ours both run, in the seed project's layout; default: random weights.")

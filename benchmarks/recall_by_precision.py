@@ -13,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 from rpn_cli.checkpoint import read_spec  # noqa: E402
 from rpn_cli.data import load_coco  # noqa: E402
 from rpn_cli.evaluate import average_recall_report, proposals_from_model  # noqa: E402
@@ -21,7 +22,7 @@ from rpn_cli.export import load_model  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--annotations", type=Path,
                         default=ROOT.parent / "shared" / "data" / "coco-train2017" / "instances.json")
     args = parser.parse_args()

@@ -19,6 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 from rpn_cli.checkpoint import load_checkpoint  # noqa: E402
 from rpn_cli.data import load_coco  # noqa: E402
 from rpn_cli.evaluate import average_recall_report, proposals_from_model  # noqa: E402
@@ -29,7 +30,7 @@ SHARED = ROOT.parent / "shared"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--annotations", type=Path, default=SHARED / "data" / "coco-train2017" / "instances.json")
     parser.add_argument("--teacher", type=Path, default=SHARED / "teachers" / "yolox-nano" / "yolox_nano.onnx")
     parser.add_argument("--all-images", action="store_true", help="Every annotated image, not the validation split.")

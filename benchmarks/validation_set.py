@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 from rpn_cli.checkpoint import load_checkpoint  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -26,7 +27,7 @@ DATA = ROOT.parent / "shared" / "data"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     args = parser.parse_args()
 
     held_out = {str(i) for i in load_checkpoint(args.checkpoint).spec.provenance["validation_images"]}

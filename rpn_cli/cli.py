@@ -120,14 +120,14 @@ def main(
     """Class-agnostic object proposals from a Region Proposal Network."""
 
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "rpn_mobilenet_v2_fpn.safetensors"
+from .weights import DEFAULT_CHECKPOINT  # noqa: E402  (re-exported: tests replace it)
 
 
 def _checkpoint_or_default(checkpoint: Optional[Path]) -> Path:
     if checkpoint is not None:
         return checkpoint
     if not DEFAULT_CHECKPOINT.is_file():
-        raise UsageError(f"no default checkpoint at {DEFAULT_CHECKPOINT}; pass --checkpoint (it was not shipped with this install)")
+        raise UsageError(f"no default checkpoint at {DEFAULT_CHECKPOINT}; pass --checkpoint (this install lacks the package data)")
     return DEFAULT_CHECKPOINT
 
 

@@ -10,7 +10,7 @@ SHARED = ROOT.parent / "shared"
 COCO_DIR = SHARED / "data" / "coco-train2017"
 TEACHER = SHARED / "teachers" / "yolox-nano" / "yolox_nano.onnx"
 SAMPLES = ROOT / "samples"
-DEFAULT_CHECKPOINT = ROOT / "weights" / "rpn_mobilenet_v2_fpn.safetensors"
+DEFAULT_CHECKPOINT = ROOT / "rpn_cli" / "weights" / "rpn_mobilenet_v2_fpn.safetensors"
 
 
 @pytest.fixture(scope="session")

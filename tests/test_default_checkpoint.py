@@ -1,4 +1,4 @@
-"""The shipped checkpoint: it loads, it is what weights/README.md says, and it finds obvious objects."""
+"""The shipped checkpoint: it loads, it is what rpn_cli/weights/README.md says, and it finds obvious objects."""
 
 import json
 
@@ -27,9 +27,9 @@ def test_it_loads_with_its_provenance(default_checkpoint):
     provenance = model.spec.provenance
     assert provenance["trained_by"] == "rpn train" and provenance["command"].startswith("rpn train")
     assert default_checkpoint.stat().st_size < 40 * 1024 * 1024
-    readme = (ROOT / "weights" / "README.md").read_text()
+    readme = (ROOT / "rpn_cli" / "weights" / "README.md").read_text()
     assert default_checkpoint.name in readme and provenance["command"] in readme
-    # The figures weights/README.md gives for the shipped file are the ones recorded in it.
+    # The figures rpn_cli/weights/README.md gives for the shipped file are the ones recorded in it.
     shipped = provenance["validation"]
     assert model.spec.proposals["min_size"] == 8.0
     assert (f"| **shipped**: third stage (lr 0.005, teacher threshold 0.2), min size 8 | {shipped['AR@10']:.3f} | "
