@@ -93,6 +93,7 @@ app = _Command(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
 )
 err = Console(stderr=True, highlight=False)
 
@@ -152,17 +153,18 @@ def propose(
     engine: Annotated[str, typer.Option(help="local, or ray (Ray Data; needs --out).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else start a local Ray).")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="Ray: model actors (default: one per GPU, else half the CPUs).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for json/png outputs (or the COCO results file).")] = None,
-    output_format: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl (stdout), json, png, coco; comma-separated. Default: jsonl, or json with --out.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="A folder for the outputs, or one .json/.pkl file when a single format writes one file (json: an array of records).")] = None,
+    output_format: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl (stdout); per image: json, png (overlay), yolo (.txt); one file: coco (results), coco-instances (a dataset), labelstudio (tasks with predictions), detectron2 (precomputed proposals, .pkl). Comma-separated.  [default: jsonl, or json with --out]")] = None,
+    image_ids_file: Annotated[Optional[Path], typer.Option("--image-ids", help="A COCO annotation file whose image ids the coco, coco-instances and detectron2 outputs use (matched by path, else file name).  [default: a file's number when all names are numbers (COCO's), else 1..N in input order]")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="The network's precision: auto (bfloat16 on CPUs that have it, float16 on CUDA), float32, bfloat16, float16. Decoding and NMS stay float32.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Threads decoding images while the model runs. [default: the cores the network leaves free; 0 decodes between images]")] = None,
-    pre_nms_top_n: Annotated[Optional[int], typer.Option("--pre-nms-top-n", help="Boxes kept before NMS (per level). [default: checkpoint's, 3000]")] = None,
-    post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Boxes kept after NMS. [default: checkpoint's, 300]")] = None,
-    nms_iou: Annotated[Optional[float], typer.Option("--nms-iou", help="NMS IoU threshold. [default: checkpoint's, 0.7]")] = None,
-    min_size: Annotated[Optional[float], typer.Option("--min-size", help="Smallest box side, in resized-image pixels. [default: checkpoint's, 16]")] = None,
+    pre_nms_top_n: Annotated[Optional[int], typer.Option("--pre-nms-top-n", help="Boxes kept before NMS (per level). [default: the checkpoint's; shipped: 3000]")] = None,
+    post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Boxes kept after NMS. [default: the checkpoint's; shipped: 300]")] = None,
+    nms_iou: Annotated[Optional[float], typer.Option("--nms-iou", help="NMS IoU threshold. [default: the checkpoint's; shipped: 0.7]")] = None,
+    min_size: Annotated[Optional[float], typer.Option("--min-size", help="Smallest box side, in resized-image pixels. [default: the checkpoint's; shipped: 8]")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Write at most this many proposals per image.")] = None,
     min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop proposals scoring below this.")] = None,
     draw_top: Annotated[int, typer.Option("--draw-top", min=0, help="Proposals drawn on PNG overlays.")] = 50,
@@ -192,7 +194,8 @@ def propose(
             decoded_ahead = DecodeAhead(items, max_pixels)
         from .devices import default_decode_workers, resolve_device
         from .export import load_model
-        from .outputs import check_output_names, check_output_paths, parse_formats
+        from .outputs import check_output_names, check_output_paths, output_plan, parse_formats
+        from .tool_formats import default_image_ids, image_ids_from_annotations
 
         if engine == "ray":
             _run_ray(items, checkpoint, out, output_format, ray_address, actors, device, precision, top_k, max_pixels,
@@ -202,10 +205,17 @@ def propose(
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
         if out is not None and "jsonl" in formats:
-            raise UsageError("jsonl goes to stdout; with --out use json, png or coco")
-        if out is not None and any(f in ("json", "png") for f in formats):
+            raise UsageError("jsonl goes to stdout; with --out use the other formats")
+        per_image, collected = output_plan(out, formats) if out is not None else ([], {})
+        if per_image:
             check_output_names(items)
-            check_output_paths(out, items, formats)
+            check_output_paths(out, items, per_image)
+        if skip_existing and collected:
+            raise UsageError(f"--skip-existing resumes per-image outputs; {', '.join(collected)} holds every "
+                             "image in one file: run without it")
+        given_paths = [item.given for item in items]
+        image_ids = (image_ids_from_annotations(image_ids_file, given_paths) if image_ids_file
+                     else default_image_ids(given_paths))
         model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision,
                            trust_torchscript=trust_torchscript)
         if workers is None:
@@ -215,7 +225,9 @@ def propose(
             min_score=min_score,
         )
         code = _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top,
-                            skip_existing, fail_fast, max_pixels, quiet, decoded_ahead)
+                            skip_existing, fail_fast, max_pixels, quiet, decoded_ahead, per_image=per_image,
+                            collected=collected, image_ids=image_ids,
+                            model_version=f"rpn-cli {__version__} {_checkpoint_or_default(checkpoint).name}")
     except RpnError as error:
         fail(error)
     finally:
@@ -267,22 +279,24 @@ def _write_stdout(text: str) -> None:
 
 
 def _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
-                 fail_fast, max_pixels, quiet, decoded_ahead=None) -> int:
+                 fail_fast, max_pixels, quiet, decoded_ahead=None, *, per_image=(), collected=None, image_ids=None,
+                 model_version="") -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .engine import Timings, propose_images
-    from .outputs import (COCO_RESULTS_NAME, image_outputs, proposal_record, remove_stale_temporaries,
-                          write_coco_results, write_image_outputs)
+    from .outputs import (image_outputs, proposal_record, remove_stale_temporaries, write_collected,
+                          write_image_outputs)
 
+    collected = collected or {}
     started = time.perf_counter()
     skipped = 0
     if skip_existing and out is not None and out.is_dir():
         remove_stale_temporaries(out)
-    if skip_existing and out is not None and any(f in ("json", "png") for f in formats):
-        remaining = [i for i in items if not all(p.exists() for p in image_outputs(out, i.relative, formats))]
+    if skip_existing and per_image:
+        remaining = [i for i in items if not all(p.exists() for p in image_outputs(out, i.relative, per_image))]
         skipped = len(items) - len(remaining)
         items = remaining
-    coco_records: list[dict] = []
+    records: list[dict] = []
     timings = Timings()
     failed_fast = False
     with Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -299,12 +313,13 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
                         failed_fast = True
                         break
                     continue
+                record = proposal_record(result.item.given, result.proposals)
                 if "jsonl" in formats:
-                    _write_stdout(json.dumps(proposal_record(result.item.given, result.proposals)) + "\n")
-                if out is not None:
-                    write_image_outputs(out, result, formats, draw_top)
-                    if "coco" in formats:
-                        coco_records.append(proposal_record(result.item.given, result.proposals))
+                    _write_stdout(json.dumps(record) + "\n")
+                if per_image:
+                    write_image_outputs(out, result, per_image, draw_top)
+                if collected:
+                    records.append(record)
         except BrokenPipeError:
             # The reader went away (``rpn propose dir | head``): stop quietly, as coreutils do.
             devnull = open(os.devnull, "w")
@@ -317,9 +332,9 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
         except RpnError as error:
             results.close()
             fail(error)
-    if "coco" in formats and not failed_fast:
-        target = out if out.suffix == ".json" else out / COCO_RESULTS_NAME
-        write_coco_results(target, coco_records)
+    if not failed_fast:
+        for fmt, target in collected.items():
+            write_collected(target, fmt, records, image_ids, model_version)
     if not quiet:
         summary = (f"{timings.images} images, {timings.proposals} proposals, {timings.failed} failed"
                    + (f", {skipped} skipped (outputs exist)" if skipped else "")
@@ -409,7 +424,7 @@ def _floats(text: str, option: str) -> list[float]:
 
 @app.command()
 def info(
-    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint of ours.")],
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A .safetensors checkpoint of ours.  [default: the shipped one]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON only.")] = False,
 ) -> None:
     """Print a checkpoint's model description and parameter count."""
@@ -417,6 +432,7 @@ def info(
     from .model import parameter_count
 
     try:
+        checkpoint = _checkpoint_or_default(checkpoint)
         model = load_checkpoint(checkpoint, "cpu")
     except RpnError as error:
         fail(error)
@@ -465,8 +481,7 @@ def convert(
 @app.command()
 @interruptible
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint of ours.")],
-    destination: Annotated[Path, typer.Argument(help="The file to write (.onnx, or .pt for TorchScript).")],
+    paths: Annotated[list[Path], typer.Argument(help="[CHECKPOINT] DESTINATION: a .safetensors checkpoint of ours (default: the shipped one) and the file to write (.onnx, or .pt for TorchScript).", metavar="[CHECKPOINT] DESTINATION")],
     export_format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript (deprecated by PyTorch; loading it back runs code, so rpn needs --trust-torchscript for it).")] = "onnx",
 ) -> None:
     """Export the network (backbone and head; dynamic image size) for deployment tools.
@@ -477,7 +492,10 @@ def export(
     from .export import export_model
 
     try:
-        export_model(checkpoint, destination, export_format)
+        if len(paths) > 2:
+            raise UsageError("rpn export [CHECKPOINT] DESTINATION: at most two paths")
+        checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
+        export_model(_checkpoint_or_default(checkpoint), destination, export_format)
     except RpnError as error:
         fail(error)
     err.print(f"wrote {destination} ({export_format})", markup=False, highlight=False)

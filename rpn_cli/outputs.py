@@ -1,9 +1,11 @@
-"""Proposal records and the files they are written to (JSON Lines, JSON, COCO results, PNG overlays)."""
+"""Proposal records and the files they are written to: JSON Lines, JSON, PNG overlays, and the formats of
+other tools (``tool_formats``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path, PurePath
 
@@ -15,10 +17,15 @@ from .errors import UsageError
 from .images import load_image
 from .inputs import InputImage
 from .predict import ImageProposals
+from .tool_formats import coco_instances, coco_results, detectron2_proposals, label_studio_tasks, yolo_lines
 from .visualize import draw_proposals
 
-OUTPUT_FORMATS = ("jsonl", "json", "png", "coco")
-COCO_RESULTS_NAME = "proposals_coco.json"
+# Formats written per image (a file beside each image's name in --out) and collected into one file.
+PER_IMAGE_SUFFIXES = {"json": ".json", "png": ".png", "yolo": ".txt"}
+COLLECTED_NAMES = {"coco": "proposals_coco.json", "coco-instances": "proposals_coco_instances.json",
+                   "labelstudio": "proposals_labelstudio.json", "detectron2": "proposals_detectron2.pkl"}
+OUTPUT_FORMATS = ("jsonl", *PER_IMAGE_SUFFIXES, *COLLECTED_NAMES)
+SINGLE_FILE_SUFFIXES = (".json", ".pkl")
 
 
 def proposal_record(image: str, proposals: ImageProposals) -> dict:
@@ -91,42 +98,48 @@ def remove_stale_temporaries(out_dir: Path) -> int:
     return removed
 
 
+def output_plan(out: Path, formats: list[str]) -> tuple[list[str], dict[str, Path]]:
+    """(per-image formats, {collected format: its file}) for ``--out OUT``. OUT is a folder, or one
+    file (``.json``, ``.pkl``) when a single format writes one file: ``json`` then holds one array."""
+    if out.suffix.lower() in SINGLE_FILE_SUFFIXES and not out.is_dir():
+        if len(formats) != 1 or formats[0] not in ("json", *COLLECTED_NAMES):
+            raise UsageError(f"--out {out} is one file: give one --format that writes one file "
+                             f"(json, {', '.join(COLLECTED_NAMES)}), or a folder")
+        wanted = ".pkl" if formats[0] == "detectron2" else ".json"
+        if out.suffix.lower() != wanted:
+            raise UsageError(f"--out {out}: --format {formats[0]} writes a {wanted} file")
+        return [], {formats[0]: out}
+    return ([f for f in formats if f in PER_IMAGE_SUFFIXES],
+            {f: out / COLLECTED_NAMES[f] for f in formats if f in COLLECTED_NAMES})
+
+
 def image_outputs(out_dir: Path, relative: str, formats: list[str]) -> list[Path]:
     stem = output_stem(relative)
-    return [out_dir / f"{stem}.{fmt}" for fmt in formats if fmt in ("json", "png")]
+    return [out_dir / f"{stem}{PER_IMAGE_SUFFIXES[fmt]}" for fmt in formats if fmt in PER_IMAGE_SUFFIXES]
 
 
 def write_image_outputs(out_dir: Path, result: ImageResult, formats: list[str], draw_top: int) -> None:
     """Write the per-image files of one result, each atomically."""
     record = proposal_record(result.item.given, result.proposals)
     for path in image_outputs(out_dir, result.item.relative, formats):
-        if path.suffix == ".json":
-            text = json.dumps(record) + "\n"
-            atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-        else:
+        if path.suffix == ".png":
             overlay = draw_proposals(load_image(result.item.given, None), result.proposals, draw_top)
             atomic_write_bytes(path, lambda tmp: overlay.save(tmp, format="PNG"))
+            continue
+        text = json.dumps(record) + "\n" if path.suffix == ".json" else yolo_lines(record)
+        atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def coco_image_id(image: str) -> int | str:
-    """COCO's file names are the zero-padded image id; other names keep their path as the id."""
-    stem = os.path.splitext(os.path.basename(image))[0]
-    return int(stem) if stem.isdigit() else image
-
-
-def coco_results(records: list[dict]) -> list[dict]:
-    """COCO detection results (category 1, bbox as x, y, width, height) of proposal records."""
-    results = []
-    for record in records:
-        image_id = coco_image_id(record["image"])
-        for (x1, y1, x2, y2), score in zip(record["boxes"], record["scores"]):
-            results.append({"image_id": image_id, "category_id": 1,
-                            "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": score})
-    return results
-
-
-def write_coco_results(path: Path, records: list[dict]) -> None:
-    text = json.dumps(coco_results(records))
+def write_collected(path: Path, fmt: str, records: list[dict], ids: dict[str, int], model_version: str) -> None:
+    """One file holding every record in ``fmt`` (json: an array of the records themselves)."""
+    if fmt == "detectron2":
+        content = pickle.dumps(detectron2_proposals(records, ids), protocol=4)
+        atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(content))
+        return
+    data = {"json": lambda: records, "coco": lambda: coco_results(records, ids),
+            "coco-instances": lambda: coco_instances(records, ids),
+            "labelstudio": lambda: label_studio_tasks(records, model_version)}[fmt]()
+    text = json.dumps(data)
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -53,6 +53,7 @@ def exported(request, tmp_path_factory, default_checkpoint):
     return checkpoint, folder
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["model.onnx", "model.pt"])
 def test_outputs_equal_pytorch_on_real_images(exported, name):
     checkpoint, folder = exported
@@ -70,6 +71,7 @@ def test_outputs_equal_pytorch_on_real_images(exported, name):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["model.onnx", "model.pt"])
 def test_propose_with_an_exported_file_gives_the_same_proposals(exported, name):
     checkpoint, folder = exported

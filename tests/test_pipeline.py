@@ -25,6 +25,7 @@ def _peak_kib(folder, checkpoint, out):
     return int(result.stdout.strip())
 
 
+@pytest.mark.heavy
 def test_memory_stays_flat_over_thousands_of_images(tmp_path, small_checkpoint):
     rng = np.random.default_rng(0)
     few, many = tmp_path / "few", tmp_path / "many"
