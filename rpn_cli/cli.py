@@ -90,7 +90,7 @@ app = _Command(
     name="rpn",
     help="Class-agnostic object proposals from a Region Proposal Network.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
@@ -167,7 +167,8 @@ def propose(
     min_size: Annotated[Optional[float], typer.Option("--min-size", help="Smallest box side, in resized-image pixels. [default: the checkpoint's; shipped: 8]")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Write at most this many proposals per image.")] = None,
     min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop proposals scoring below this.")] = None,
-    draw_top: Annotated[int, typer.Option("--draw-top", min=0, help="Proposals drawn on PNG overlays.")] = 50,
+    draw_top: Annotated[int, typer.Option("--draw-top", min=0, help="Proposals drawn on PNG overlays and --sheet thumbnails (the best first, coloured by rank).")] = 10,
+    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Also write a contact sheet: thumbnails of the images (the first 60) with their best proposals, one PNG.")] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip images whose outputs exist in --out.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bomb guard).")] = 89_478_485,
@@ -227,7 +228,8 @@ def propose(
         code = _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top,
                             skip_existing, fail_fast, max_pixels, quiet, decoded_ahead, per_image=per_image,
                             collected=collected, image_ids=image_ids,
-                            model_version=f"rpn-cli {__version__} {_checkpoint_or_default(checkpoint).name}")
+                            model_version=f"rpn-cli {__version__} {_checkpoint_or_default(checkpoint).name}",
+                            sheet=sheet)
     except RpnError as error:
         fail(error)
     finally:
@@ -268,6 +270,9 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
     raise typer.Exit(1 if summary.failed else 0)
 
 
+SHEET_IMAGES, SHEET_TILE = 60, 200  # a contact sheet's thumbnails: how many, and their size in pixels
+
+
 def _write_stdout(text: str) -> None:
     try:
         sys.stdout.write(text)
@@ -280,12 +285,14 @@ def _write_stdout(text: str) -> None:
 
 def _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
                  fail_fast, max_pixels, quiet, decoded_ahead=None, *, per_image=(), collected=None, image_ids=None,
-                 model_version="") -> int:
+                 model_version="", sheet=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .engine import Timings, propose_images
-    from .outputs import (image_outputs, proposal_record, remove_stale_temporaries, write_collected,
+    from .images import load_image
+    from .outputs import (image_outputs, proposal_record, remove_stale_temporaries, save_png, write_collected,
                           write_image_outputs)
+    from .visualize import contact_sheet, thumbnail_with_proposals
 
     collected = collected or {}
     started = time.perf_counter()
@@ -297,6 +304,7 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
         skipped = len(items) - len(remaining)
         items = remaining
     records: list[dict] = []
+    tiles: list = []
     timings = Timings()
     failed_fast = False
     with Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -320,6 +328,10 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
                     write_image_outputs(out, result, per_image, draw_top)
                 if collected:
                     records.append(record)
+                if sheet is not None and len(tiles) < SHEET_IMAGES:
+                    image = load_image(result.item.given, None)
+                    tiles.append((thumbnail_with_proposals(image, result.proposals, draw_top, SHEET_TILE),
+                                  result.item.relative))
         except BrokenPipeError:
             # The reader went away (``rpn propose dir | head``): stop quietly, as coreutils do.
             devnull = open(os.devnull, "w")
@@ -335,6 +347,8 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
     if not failed_fast:
         for fmt, target in collected.items():
             write_collected(target, fmt, records, image_ids, model_version)
+    if sheet is not None and tiles:
+        save_png(contact_sheet(tiles, SHEET_TILE), sheet)
     if not quiet:
         summary = (f"{timings.images} images, {timings.proposals} proposals, {timings.failed} failed"
                    + (f", {skipped} skipped (outputs exist)" if skipped else "")

@@ -82,8 +82,8 @@ def test_out_folder_json_png_and_coco(checkpoint, tmp_path):
     for record, path in zip(_records(stdout), SAMPLE_FILES):
         written = json.loads((out / f"{path.stem}.json").read_text())
         assert written == record
-        with Image.open(out / f"{path.stem}.png") as overlay:
-            assert overlay.size == (record["width"], record["height"])
+        with Image.open(out / f"{path.stem}.png") as overlay:  # the photo, and a legend strip below it
+            assert overlay.width == record["width"] and record["height"] < overlay.height < record["height"] * 1.2
     assert not list(out.glob(".*tmp"))
     coco_file = tmp_path / "results.json"
     run_rpn("propose", *SAMPLE_FILES, "-c", checkpoint, "-q", "--out", coco_file, "--format", "coco", check=True)
@@ -225,3 +225,20 @@ def test_usage_errors(checkpoint, tmp_path):
 def test_version_and_module_entry_point():
     result = run_rpn("--version", check=True)
     assert result.stdout.startswith("rpn ")
+
+
+def test_overlay_colours_by_rank_and_a_contact_sheet(checkpoint, tmp_path, capsys):
+    from rpn_cli.visualize import RANK_COLOURS
+
+    out, sheet = tmp_path / "out", tmp_path / "sheet.png"
+    status = cli.app.run(["propose", *map(str, SAMPLE_FILES), "-c", str(checkpoint), "-q", "--out", str(out),
+                          "--format", "png", "--sheet", str(sheet)])
+    assert status == 0, capsys.readouterr().err
+    for path in SAMPLE_FILES:
+        with Image.open(out / f"{path.stem}.png") as overlay, Image.open(path) as photo:
+            pixels = np.asarray(overlay.convert("RGB"))[: photo.height]
+            changed = (pixels != np.asarray(photo.convert("RGB"))).any(axis=2)
+            # The best box is drawn in the first rank colour, under it a dark outline.
+            assert changed.any() and (pixels == RANK_COLOURS[0]).all(axis=2).sum() > 50
+    with Image.open(sheet) as picture:  # 4 thumbnails of at most 200 px in one row
+        assert 4 * 200 < picture.width < 4 * 230 and 200 < picture.height < 260
