@@ -49,18 +49,17 @@ def _peak_mib() -> float:
 def part_ours_split(files, checkpoint, out_dir, **_):
     import torch
 
-    from rpn_cli.engine import Timings, propose_images
-    from rpn_cli.export import load_model
+    from rpn_cli import Proposer
+    from rpn_cli.engine import Timings
     from rpn_cli.inputs import expand_inputs
     from rpn_cli.outputs import write_image_outputs
 
-    model = load_model(checkpoint, "cpu", "auto")  # as rpn propose runs it
-    settings = model.spec.proposal_settings()
+    proposer = Proposer(checkpoint, device="cpu")  # as rpn propose runs it (precision auto)
     items = expand_inputs([str(f) for f in files])
-    list(propose_images(items[:2], model, settings, workers=0))  # warm-up: first-call allocations
+    list(proposer.stream(items[:2], workers=0))  # warm-up: first-call allocations
     timings, writing = Timings(), 0.0
     started = time.perf_counter()
-    for result in propose_images(items, model, settings, workers=0, timings=timings):
+    for result in proposer.stream(items, workers=0, timings=timings):
         begun = time.perf_counter()
         write_image_outputs(Path(out_dir), result, ["json"], 0)
         writing += time.perf_counter() - begun
@@ -163,18 +162,13 @@ def part_seed(files, seed_state, **_):
 
 
 def part_ours_c4(files, c4_checkpoint, precision, **_):
-    from rpn_cli.devices import default_decode_workers
-    from rpn_cli.engine import propose_images
-    from rpn_cli.export import load_model
-    from rpn_cli.inputs import expand_inputs
+    from rpn_cli import Proposer
 
-    model = load_model(c4_checkpoint, "cpu", precision)  # as rpn propose --precision PRECISION runs it
-    settings = model.spec.proposal_settings()
-    items = expand_inputs([str(f) for f in files])
-    workers = default_decode_workers(model.device)
+    proposer = Proposer(c4_checkpoint, device="cpu", precision=precision)  # as rpn propose --precision runs it
     started = time.perf_counter()
-    results = {r.item.given: r.proposals.boxes.tolist() for r in propose_images(items, model, settings, workers=workers)}
-    return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results, "precision": model.precision}
+    results = {r.item.given: r.proposals.boxes.tolist() for r in proposer.stream(files)}
+    return {"seconds": time.perf_counter() - started, "images": len(files), "boxes": results,
+            "precision": proposer.model.precision}
 
 
 PARTS = {"ours-split": part_ours_split, "ours-cli": part_ours_cli, "selective": part_selective,

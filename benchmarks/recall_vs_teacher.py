@@ -1,29 +1,35 @@
-"""Average recall of a checkpoint, the YOLOX-Nano teacher and Selective Search on the same annotated images.
+"""Average recall and time per image of checkpoints, the YOLOX-Nano teacher and Selective Search, side by
+side on the same annotated images.
 
-    python benchmarks/recall_vs_teacher.py [--checkpoint CKPT] [--annotations FILE] [--teacher MODEL.onnx]
-                                           [--no-selective-search]
+    python benchmarks/recall_vs_teacher.py [--checkpoint CKPT] [--baseline OLD.safetensors ...]
+                                           [--annotations FILE] [--precision auto|float32|bfloat16]
+                                           [--teacher MODEL.onnx] [--no-selective-search]
 
-By default: the shipped checkpoint, on the validation images named in its provenance (photos it was not
-trained on) of ../shared/data/coco-train2017. Each method gives at most 300 boxes per image; the teacher's
-boxes are ranked by objectness after NMS at IoU 0.7 (as its README measures it).
+By default: the shipped checkpoint on the default checkpoint's validation set (benchmarks/validation_set.py:
+146 fully annotated photos no checkpoint of its chain was trained on). Each method gives at most 300
+boxes per image; the teacher's boxes are ranked by objectness after NMS at IoU 0.7 (as its README
+measures it). Times are the whole of each method per image (decode to boxes), one after another here.
 """
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
-from rpn_cli.checkpoint import load_checkpoint  # noqa: E402
+from rpn_cli import Proposer  # noqa: E402
 from rpn_cli.data import load_coco  # noqa: E402
 from rpn_cli.evaluate import average_recall_report, proposals_from_model  # noqa: E402
 from rpn_cli.images import load_image  # noqa: E402
+from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -31,22 +37,28 @@ SHARED = ROOT.parent / "shared"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--annotations", type=Path, default=SHARED / "data" / "coco-train2017" / "instances.json")
+    parser.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="Another checkpoint to compare (the previous default, say); repeatable.")
+    parser.add_argument("--annotations", type=Path, help="A COCO file to score on instead of the validation set.")
+    parser.add_argument("--precision", default="float32")
     parser.add_argument("--teacher", type=Path, default=SHARED / "teachers" / "yolox-nano" / "yolox_nano.onnx")
-    parser.add_argument("--all-images", action="store_true", help="Every annotated image, not the validation split.")
     parser.add_argument("--no-selective-search", action="store_true")
     args = parser.parse_args()
 
-    model = load_checkpoint(args.checkpoint)
-    images = load_coco(args.annotations)
-    if not args.all_images:
-        wanted = set(model.spec.provenance.get("validation_images", []))
-        images = [image for image in images if image.image_id in wanted]
-    rows = {}
+    if args.annotations:
+        images, source = load_coco(args.annotations), str(args.annotations)
+    else:
+        from validation_set import validation_images
 
-    started = time.perf_counter()
-    ours = proposals_from_model(model, images, model.spec.proposal_settings())
-    rows["rpn (this checkpoint)"] = (ours, time.perf_counter() - started)
+        images, source = validation_images(), "the validation set (benchmarks/validation_set.py)"
+    rows = {}
+    for label, checkpoint in [("rpn (this checkpoint)", args.checkpoint),
+                              *((f"rpn ({path.name})", path) for path in args.baseline)]:
+        proposer = Proposer(checkpoint, device="cpu", precision=args.precision)
+        proposer(images[0].path)  # warm-up: first-call allocations
+        started = time.perf_counter()
+        found = proposals_from_model(proposer, images)
+        rows[label] = (found, time.perf_counter() - started)
 
     if args.teacher.is_file():
         from rpn_cli.teacher import YoloxTeacher
@@ -71,13 +83,15 @@ def main() -> None:
             found[image.image_id] = (boxes, -np.arange(len(boxes), dtype=np.float64))
         rows["Selective Search (fast)"] = (found, time.perf_counter() - started)
 
-    print(f"{len(images)} images from {args.annotations}, at most 300 proposals each\n")
+    print(f"{len(images)} images from {source}, at most 300 proposals each; rpn in {args.precision}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"bfloat16 {'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}\n")
     print("| method | AR@10 | AR@100 | AR@300 | R@0.5 | R@0.7 | AR@100 small / medium / large | s / image |")
     print("|---|---|---|---|---|---|---|---|")
     figures = {}
     for name, (found, seconds) in rows.items():
         report = average_recall_report(images, found, (10, 100, 300))
-        figures[name] = report
+        figures[name] = {**report, "seconds_per_image": seconds / len(images)}
         print(f"| {name} | {report['AR@10']:.3f} | {report['AR@100']:.3f} | {report['AR@300']:.3f} | "
               f"{report['R@0.5@300']:.3f} | {report['R@0.7@300']:.3f} | {report['AR@100_small']:.3f} / "
               f"{report['AR@100_medium']:.3f} / {report['AR@100_large']:.3f} | {seconds / len(images):.3f} |")

@@ -19,9 +19,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
-from rpn_cli.checkpoint import load_checkpoint  # noqa: E402
+from rpn_cli.checkpoint import read_spec  # noqa: E402
+from rpn_cli.data import AnnotatedImage, load_coco  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
+
+
+def held_out_ids(checkpoint: Path) -> set[str]:
+    return {str(i) for i in read_spec(checkpoint).provenance["validation_images"]}
+
+
+def validation_images(checkpoint: Path = DEFAULT_CHECKPOINT) -> list[AnnotatedImage]:
+    """The validation set as annotated images (what the file holds), read from ../shared/data."""
+    held_out = held_out_ids(checkpoint)
+    return ([image for image in load_coco(DATA / "coco-train2017" / "instances.json") if image.image_id in held_out]
+            + load_coco(DATA / "coco-extra" / "instances.json"))
 
 
 def main() -> None:
@@ -30,7 +42,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     args = parser.parse_args()
 
-    held_out = {str(i) for i in load_checkpoint(args.checkpoint).spec.provenance["validation_images"]}
+    held_out = held_out_ids(args.checkpoint)
     parts = [(DATA / "coco-train2017", lambda image: str(image["id"]) in held_out),
              (DATA / "coco-extra", lambda image: True)]
     images, annotations, categories = [], [], {}

@@ -1,3 +1,35 @@
-"""rpn: class-agnostic object proposals with a Region Proposal Network (Faster R-CNN's first stage)."""
+"""rpn: class-agnostic object proposals with a Region Proposal Network (Faster R-CNN's first stage).
+
+The public API::
+
+    from rpn_cli import Proposer
+    proposer = Proposer()                 # the shipped checkpoint; device and precision "auto", as the CLI
+    result = proposer("photo.jpg")        # boxes (K, 4) x1y1x2y2 in the photo's pixels, scores (K,), best first
+    for result in proposer.stream(["photos/"], batch_size=4):
+        ...                               # an ImageResult per image, in order: .item, .proposals or .error
+
+``Proposer`` is imported on first use, so ``import rpn_cli`` stays light (no PyTorch).
+"""
 
 __version__ = "0.1.0"
+__all__ = ["Proposer", "ImageProposals", "ImageResult", "RpnError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Proposer":
+        from .proposer import Proposer
+
+        return Proposer
+    if name == "ImageProposals":
+        from .predict import ImageProposals
+
+        return ImageProposals
+    if name == "ImageResult":
+        from .engine import ImageResult
+
+        return ImageResult
+    if name == "RpnError":
+        from .errors import RpnError
+
+        return RpnError
+    raise AttributeError(f"module 'rpn_cli' has no attribute {name!r}")

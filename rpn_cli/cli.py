@@ -193,9 +193,8 @@ def propose(
         if engine == "local" and not skip_existing:
             # Before anything imports torch: see prefetch.py.
             decoded_ahead = DecodeAhead(items, max_pixels)
-        from .devices import default_decode_workers, resolve_device
-        from .export import load_model
         from .outputs import check_output_names, check_output_paths, output_plan, parse_formats
+        from .proposer import Proposer
         from .tool_formats import default_image_ids, image_ids_from_annotations
 
         if engine == "ray":
@@ -217,16 +216,12 @@ def propose(
         given_paths = [item.given for item in items]
         image_ids = (image_ids_from_annotations(image_ids_file, given_paths) if image_ids_file
                      else default_image_ids(given_paths))
-        model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision,
-                           trust_torchscript=trust_torchscript)
-        if workers is None:
-            workers = default_decode_workers(model.device)
-        settings = model.spec.proposal_settings(
-            pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
-            min_score=min_score,
-        )
-        code = _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top,
-                            skip_existing, fail_fast, max_pixels, quiet, decoded_ahead, per_image=per_image,
+        proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision,
+                            trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
+                            pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
+                            min_size=min_size, min_score=min_score)
+        code = _run_propose(items, proposer, formats, out, batch_size, workers, draw_top,
+                            skip_existing, fail_fast, quiet, decoded_ahead, per_image=per_image,
                             collected=collected, image_ids=image_ids,
                             model_version=f"rpn-cli {__version__} {_checkpoint_or_default(checkpoint).name}",
                             sheet=sheet)
@@ -250,7 +245,7 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
         raise UsageError("--engine ray writes shards into a folder: give --out")
     path = _checkpoint_or_default(checkpoint)
     spec = load_model(path, "cpu", trust_torchscript=trust_torchscript).spec
-    settings = spec.proposal_settings(**overrides).to_dict()
+    spec.proposal_settings(**overrides)  # limits checked here, before Ray starts
     with Progress(TextColumn("ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                   TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal) as progress:
         task = progress.add_task("images", total=len(items), rate="")
@@ -260,7 +255,7 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
             elapsed = time.perf_counter() - started
             progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f} images/s" if elapsed else "")
 
-        summary = propose_with_ray(items, path, out, settings, spec.preprocess, output_format or "jsonl",
+        summary = propose_with_ray(items, path, out, overrides, spec.preprocess, output_format or "jsonl",
                                    address or os.environ.get("RAY_ADDRESS"), device, precision, actors, top_k,
                                    max_pixels, skip_existing, progress=advance, trust_torchscript=trust_torchscript)
     if not quiet:
@@ -283,12 +278,12 @@ def _write_stdout(text: str) -> None:
         raise OutputError(f"standard output: cannot write ({error.strerror or error})") from error
 
 
-def _run_propose(items, model, settings, formats, out, batch_size, workers, top_k, draw_top, skip_existing,
-                 fail_fast, max_pixels, quiet, decoded_ahead=None, *, per_image=(), collected=None, image_ids=None,
+def _run_propose(items, proposer, formats, out, batch_size, workers, draw_top, skip_existing,
+                 fail_fast, quiet, decoded_ahead=None, *, per_image=(), collected=None, image_ids=None,
                  model_version="", sheet=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .engine import Timings, propose_images
+    from .engine import Timings
     from .images import load_image
     from .outputs import (image_outputs, proposal_record, remove_stale_temporaries, save_png, write_collected,
                           write_image_outputs)
@@ -310,8 +305,8 @@ def _run_propose(items, model, settings, formats, out, batch_size, workers, top_
     with Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
         task = progress.add_task("images", total=len(items))
-        results = propose_images(items, model, settings, batch_size, workers, top_k, max_pixels, timings,
-                                 decoded_ahead)
+        results = proposer.stream(items, batch_size=batch_size, workers=workers, timings=timings,
+                                  decoded_ahead=decoded_ahead)
         try:
             for result in results:
                 progress.advance(task)
@@ -554,15 +549,14 @@ def evaluate(
         if proposals is not None:
             found = proposals_from_jsonl(proposals, ground_truth)
         else:
-            from .export import load_model
+            from .proposer import Proposer
 
-            model = load_model(_checkpoint_or_default(checkpoint), resolve_device(device), precision,
-                               trust_torchscript=trust_torchscript)
-            settings = model.spec.proposal_settings(post_nms_top_n=post_nms_top_n)
+            proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision,
+                                trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:
                 task = progress.add_task("images", total=len(ground_truth))
-                found = proposals_from_model(model, ground_truth, settings, lambda: progress.advance(task), unreadable)
+                found = proposals_from_model(proposer, ground_truth, lambda: progress.advance(task), unreadable)
             ground_truth = readable_only(ground_truth, left_out)
             if not ground_truth:
                 raise DataError(f"{annotations}: none of its images could be read")

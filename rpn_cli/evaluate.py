@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +21,9 @@ from torchvision.ops import box_iou
 from .checkpoint import atomic_write_bytes
 from .data import AnnotatedImage, load_coco, load_voc
 from .errors import DataError, ImageError, UsageError
-from .images import load_image
-from .export import ExportedRegionProposalNetwork
-from .model import RegionProposalNetwork
-from .predict import proposals_for_batch
-from .preprocess import prepare_image
-from .proposals import ProposalSettings
+
+if TYPE_CHECKING:
+    from .proposer import Proposer
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 AREA_RANGES = {"all": (0.0, 1e10), "small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e10)}
@@ -136,22 +133,22 @@ def load_ground_truth(annotations: Path, images: Path | None = None, limit: int 
 
 
 def proposals_from_model(
-    model: RegionProposalNetwork | ExportedRegionProposalNetwork, ground_truth: Sequence[AnnotatedImage], settings: ProposalSettings,
-    advance: Callable[[], None] = lambda: None, unreadable: Callable[[AnnotatedImage, ImageError], None] | None = None,
+    proposer: "Proposer", ground_truth: Sequence[AnnotatedImage], advance: Callable[[], None] = lambda: None,
+    unreadable: Callable[[AnnotatedImage, ImageError], None] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Run ``model`` on every annotated image. An image that cannot be read (missing, corrupt) gets no
+    """Run ``proposer`` on every annotated image. An image that cannot be read (missing, corrupt) gets no
     entry and is passed to ``unreadable`` (which may raise); the figures should then leave it out
     (:func:`readable_only`), not count its objects as missed."""
     found = {}
     for image in ground_truth:
         try:
-            prepared = prepare_image(load_image(image.path), model.spec.preprocess)
+            prepared = proposer.prepare(image.path)
         except ImageError as error:
             if unreadable is not None:
                 unreadable(image, error)
             advance()
             continue
-        result = proposals_for_batch(model, [prepared], settings)[0]
+        result = proposer.propose_prepared([prepared])[0]
         found[image.image_id] = (result.boxes.numpy(), result.scores.numpy())
         advance()
     return found

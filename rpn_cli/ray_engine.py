@@ -90,21 +90,17 @@ def _decode(batch: dict, preprocess: dict, max_pixels: int | None) -> dict:
 class _ProposalActor:
     """One model per actor, loaded once; runs the network and the proposal layer on decoded images."""
 
-    def __init__(self, checkpoint: str, device: str, precision: str, settings: dict, top_k: int | None,
+    def __init__(self, checkpoint: str, device: str, precision: str, limits: dict, top_k: int | None,
                  trust_torchscript: bool = False):
-        from .devices import resolve_device
-        from .export import load_model
-        from .proposals import ProposalSettings
+        from .proposer import Proposer
 
-        self.model = load_model(checkpoint, resolve_device(device), precision, trust_torchscript=trust_torchscript)
-        self.settings = ProposalSettings(**settings)
-        self.top_k = top_k
+        self.proposer = Proposer(checkpoint, device=device, precision=precision, trust_torchscript=trust_torchscript,
+                                 top_k=top_k, **limits)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
         from .outputs import proposal_record
-        from .predict import proposals_for_batch
         from .preprocess import PreparedImage
 
         records = []
@@ -115,7 +111,7 @@ class _ProposalActor:
                 continue
             tensor = torch.from_numpy(np.asarray(tensor, np.float32))
             prepared = PreparedImage(tensor, (int(width), int(height)), (tensor.shape[2], tensor.shape[1]))
-            result = proposals_for_batch(self.model, [prepared], self.settings, self.top_k)[0]
+            result = self.proposer.propose_prepared([prepared])[0]
             records.append(json.dumps(proposal_record(given, result)))
         return {"record": records}
 
@@ -124,7 +120,7 @@ def propose_with_ray(
     items: list[InputImage],
     checkpoint: Path,
     out_dir: Path,
-    settings: dict,
+    limits: dict,
     preprocess: dict,
     output_format: str = "jsonl",
     address: str | None = None,
@@ -138,7 +134,8 @@ def propose_with_ray(
     progress: Callable[[int, int], None] = lambda done, total: None,
     trust_torchscript: bool = False,
 ) -> RayRunSummary:
-    """Run the proposals of ``items`` on Ray and write shards and a summary into ``out_dir``."""
+    """Run the proposals of ``items`` on Ray and write shards and a summary into ``out_dir``. ``limits``:
+    the proposal layer's overrides (``Proposer``'s keywords, None for the checkpoint's)."""
     ray = _import_ray()
     if output_format not in ("jsonl", "parquet"):
         raise UsageError(f"--engine ray writes jsonl or parquet, not {output_format}")
@@ -168,7 +165,7 @@ def propose_with_ray(
                                       batch_size=4, num_cpus=1)
         dataset = dataset.map_batches(
             _ProposalActor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "device": device,
-                                                   "precision": precision, "settings": settings, "top_k": top_k,
+                                                   "precision": precision, "limits": limits, "top_k": top_k,
                                                    "trust_torchscript": trust_torchscript},
             batch_size=4, concurrency=pool, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         )

@@ -25,6 +25,7 @@ from .evaluate import average_recall_report, proposals_from_model, readable_only
 from .images import load_image
 from .model import ModelSpec, RegionProposalNetwork
 from .preprocess import resize_image, to_tensor
+from .proposer import Proposer
 from .targets import NEGATIVE, POSITIVE, TargetSettings, label_anchors, sample_labels
 from .teacher import YoloxTeacher, merge_teacher_boxes, partial_label_targets
 
@@ -239,7 +240,7 @@ def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage
         report(TrainEvent("warning", message=f"validation: {error}; left out of the figures"))
         left_out.append(image)
 
-    found = proposals_from_model(model, images, model.spec.proposal_settings(), unreadable=unreadable)
+    found = proposals_from_model(Proposer.from_model(model), images, unreadable=unreadable)
     readable = readable_only(images, left_out)
     figures = average_recall_report(readable, found, (10, 100, 300)) if readable else {"images": 0}
     return {**figures, "unreadable_images": len(left_out)}
