@@ -136,6 +136,10 @@ CheckpointOption = Annotated[
     Optional[Path],
     typer.Option("--checkpoint", "-c", help="A .safetensors checkpoint of ours, or a file from rpn export (.onnx; .pt needs --trust-torchscript). Default: the shipped one."),
 ]
+BackendOption = Annotated[
+    str,
+    typer.Option("--backend", help="What runs the network: torch, onnxruntime (float32; our checkpoint's ONNX export, built once into ~/.cache/rpn-cli), or auto (ONNX Runtime on CPUs without bfloat16 when the onnx extra is installed, else torch)."),
+]
 TrustTorchScriptOption = Annotated[
     bool,
     typer.Option("--trust-torchscript", help="Allow a TorchScript (.pt) checkpoint. Loading one RUNS CODE THE FILE CARRIES: only for files you made or trust."),
@@ -147,6 +151,7 @@ TrustTorchScriptOption = Annotated[
 def propose(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")] = None,
     checkpoint: CheckpointOption = None,
+    backend: BackendOption = "auto",
     trust_torchscript: TrustTorchScriptOption = False,
     manifest: Annotated[Optional[Path], typer.Option("--manifest", help="A list of image paths: text (one per line), CSV or Parquet.")] = None,
     manifest_column: Annotated[Optional[str], typer.Option("--manifest-column", help="The CSV/Parquet column of paths (default: path, else the first).")] = None,
@@ -216,7 +221,7 @@ def propose(
         given_paths = [item.given for item in items]
         image_ids = (image_ids_from_annotations(image_ids_file, given_paths) if image_ids_file
                      else default_image_ids(given_paths))
-        proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision,
+        proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision, backend=backend,
                             trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
                             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
                             min_size=min_size, min_score=min_score)
@@ -515,6 +520,7 @@ def export(
 def evaluate(
     annotations: Annotated[Path, typer.Argument(help="A COCO .json annotation file or a VOC folder.")],
     checkpoint: CheckpointOption = None,
+    backend: BackendOption = "auto",
     trust_torchscript: TrustTorchScriptOption = False,
     proposals: Annotated[Optional[Path], typer.Option("--proposals", help="A JSON Lines file from rpn propose, instead of running a checkpoint.")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (default: images/ beside a COCO file).")] = None,
@@ -552,7 +558,7 @@ def evaluate(
             from .proposer import Proposer
 
             proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision,
-                                trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n)
+                                backend=backend, trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:
                 task = progress.add_task("images", total=len(ground_truth))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import METADATA_KEY, atomic_write_bytes, load_checkpoint
+from .backends import onnx_cache_path, resolve_backend
+from .checkpoint import METADATA_KEY, atomic_write_bytes, load_checkpoint, read_spec
 from .devices import PRECISION_DTYPES, resolve_precision
 from .errors import CheckpointError, UsageError
 from .model import LevelOutput, ModelSpec, RegionProposalNetwork, flatten_outputs, fold_batchnorm
@@ -149,17 +150,25 @@ class ExportedRegionProposalNetwork:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", precision: str = "float32", *,
-               trust_torchscript: bool = False):
+               trust_torchscript: bool = False, backend: str = "torch"):
     """Our ``.safetensors`` checkpoint, or an exported ``.onnx`` / TorchScript file, ready to propose.
 
     ``precision`` (see :func:`rpn_cli.devices.resolve_precision`) applies to our checkpoints;
-    exported files run as they were exported (float32). TorchScript files (by suffix) can run code on
-    loading: they are refused unless ``trust_torchscript``; safetensors and ONNX files carry no code.
+    exported files run as they were exported (float32). ``backend`` (:mod:`rpn_cli.backends`):
+    ``torch``, ``onnxruntime`` (our checkpoint's ONNX export, built once into the cache folder) or
+    ``auto``. TorchScript files (by suffix) can run code on loading: they are refused unless
+    ``trust_torchscript``; safetensors and ONNX files carry no code.
     """
     path = Path(path)
     device = torch.device(device)
     if path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
         return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)
+    if resolve_backend(backend, device, precision, path) == "onnxruntime":
+        read_spec(path)  # a checkpoint of ours, checked before it is hashed and exported
+        exported = onnx_cache_path(path)
+        if not exported.is_file():  # built once (tens of seconds), then reused
+            export_model(path, exported, "onnx")
+        return ExportedRegionProposalNetwork(exported, device)
     model = load_checkpoint(path, device)
     dtype = PRECISION_DTYPES[resolve_precision(precision, device)]
     if dtype != torch.float32 or getattr(model.backbone, "fold_in_float32", True):

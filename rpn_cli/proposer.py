@@ -31,8 +31,9 @@ class Proposer:
     """Proposals for images from one checkpoint, loaded once.
 
     ``checkpoint``: our ``.safetensors``, an ``.onnx`` export (or TorchScript with
-    ``trust_torchscript``); default the shipped one. ``device`` and ``precision`` default to ``auto``
-    as on the command line (CUDA when there is one; bfloat16 on CPUs that have it). The proposal
+    ``trust_torchscript``); default the shipped one. ``device``, ``precision`` and ``backend`` default
+    to ``auto`` as on the command line (CUDA when there is one; bfloat16 on CPUs that have it; ONNX
+    Runtime on CPUs without, see :mod:`rpn_cli.backends`). The proposal
     layer's limits (``pre_nms_top_n``, ``post_nms_top_n``, ``nms_iou``, ``min_size``, ``min_score``)
     default to the checkpoint's; ``top_k`` keeps at most that many per image.
 
@@ -42,12 +43,13 @@ class Proposer:
     """
 
     def __init__(self, checkpoint: str | Path | None = None, *, device: str = "auto", precision: str = "auto",
-                 trust_torchscript: bool = False, top_k: int | None = None,
+                 backend: str = "auto", trust_torchscript: bool = False, top_k: int | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, pre_nms_top_n: int | None = None,
                  post_nms_top_n: int | None = None, nms_iou: float | None = None, min_size: float | None = None,
                  min_score: float | None = None):
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
-        model = load_model(self.checkpoint, resolve_device(device), precision, trust_torchscript=trust_torchscript)
+        model = load_model(self.checkpoint, resolve_device(device), precision, trust_torchscript=trust_torchscript,
+                           backend=backend)
         self._setup(model, top_k, max_pixels, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
                                                    nms_iou=nms_iou, min_size=min_size, min_score=min_score))
 

@@ -13,6 +13,12 @@ SAMPLES = ROOT / "samples"
 DEFAULT_CHECKPOINT = ROOT / "rpn_cli" / "weights" / "rpn_mobilenet_v2_fpn.safetensors"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Built files (the ONNX Runtime backend's exports) go to a folder of this run, not ~/.cache."""
+    os.environ["RPN_CACHE_DIR"] = str(tmp_path_factory.mktemp("rpn-cache"))
+
+
 @pytest.fixture(scope="session")
 def coco_dir() -> Path:
     if not (COCO_DIR / "instances.json").is_file():

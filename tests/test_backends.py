@@ -1,0 +1,62 @@
+"""ONNX Runtime as a backend: the same proposals as PyTorch, built once into the cache, chosen by auto."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rpn_cli import backends
+from rpn_cli.errors import UsageError
+
+from conftest import SAMPLES
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+OURS, EXPORTED = Path("model.safetensors"), Path("model.onnx")
+
+
+@pytest.mark.parametrize("bfloat16, onnx_extra, device, precision, checkpoint, expected", [
+    (True, True, CPU, "auto", OURS, "torch"),            # bfloat16 PyTorch is the fastest there
+    (False, True, CPU, "auto", OURS, "onnxruntime"),     # no bfloat16: ONNX Runtime's float32
+    (False, True, CPU, "float32", OURS, "onnxruntime"),
+    (False, False, CPU, "auto", OURS, "torch"),          # without the onnx extra
+    (False, True, CUDA, "auto", OURS, "torch"),
+    (False, True, CPU, "bfloat16", OURS, "torch"),       # asked for a precision ONNX Runtime does not run
+    (False, True, CPU, "auto", EXPORTED, "torch"),       # an exported file runs as what it is
+])
+def test_auto_picks_by_the_cpus_features(monkeypatch, bfloat16, onnx_extra, device, precision, checkpoint, expected):
+    monkeypatch.setattr(backends, "cpu_has_bfloat16", lambda: bfloat16)
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: onnx_extra)
+    assert backends.resolve_backend("auto", device, precision, checkpoint) == expected
+
+
+def test_explicit_backends_and_refusals(monkeypatch):
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)
+    assert backends.resolve_backend("torch", CPU, "auto", OURS) == "torch"
+    with pytest.raises(UsageError, match="needs the onnx extra"):
+        backends.resolve_backend("onnxruntime", CPU, "auto", OURS)
+    with pytest.raises(UsageError, match="runs float32, not --precision bfloat16"):
+        backends.resolve_backend("onnxruntime", CPU, "bfloat16", OURS)
+    with pytest.raises(UsageError, match="--backend tensorrt: choose from"):
+        backends.resolve_backend("tensorrt", CPU, "auto", OURS)
+
+
+def test_onnxruntime_gives_pytorchs_proposals_and_builds_once(small_checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from rpn_cli import Proposer
+
+    monkeypatch.setenv("RPN_CACHE_DIR", str(tmp_path / "cache"))
+    reference = Proposer(small_checkpoint, device="cpu", precision="float32", backend="torch")
+    fast = Proposer(small_checkpoint, device="cpu", backend="onnxruntime")
+    (built,) = (tmp_path / "cache" / "onnx").glob("*.onnx")
+    stamp = built.stat().st_mtime_ns
+    Proposer(small_checkpoint, device="cpu", backend="onnxruntime")
+    assert built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    for path in sorted(SAMPLES.glob("*.jpg")):
+        ours, theirs = fast(path), reference(path)
+        assert len(ours.scores) == len(theirs.scores)
+        # Outputs agree to ~1e-5; boxes whose scores nearly tie may swap places, nothing else moves.
+        np.testing.assert_allclose(ours.scores.numpy(), theirs.scores.numpy(), atol=1e-4)
+        matched = np.isclose(ours.boxes.numpy(), theirs.boxes.numpy(), atol=0.02).all(axis=1)
+        assert matched.mean() >= 0.98
