@@ -1,0 +1,78 @@
+"""On a CUDA GPU (skipped elsewhere, with the reason): the GPU's records against the CPU's, reduced
+precision's recall, flat memory, and pinned host memory for the copies. benchmarks/gpu_check.sh runs these."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLES
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
+
+SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
+
+
+def _matched(ours, theirs, atol):
+    return np.isclose(ours.boxes.numpy(), theirs.boxes.numpy(), atol=atol).all(axis=1).mean()
+
+
+def test_gpu_float32_records_equal_the_cpus(default_checkpoint):
+    from rpn_cli import Proposer
+
+    gpu = Proposer(default_checkpoint, device="cuda", precision="float32", backend="torch")
+    cpu = Proposer(default_checkpoint, device="cpu", precision="float32", backend="torch")
+    for path in SAMPLE_FILES:
+        ours, theirs = gpu(path), cpu(path)
+        # Different kernels sum in another order: scores agree to 1e-4 and boxes to 0.05 px, except
+        # where nearly tied scores swap two boxes (at most 2% of them).
+        assert len(ours.scores) == len(theirs.scores)
+        np.testing.assert_allclose(ours.scores.numpy(), theirs.scores.numpy(), atol=1e-4)
+        assert _matched(ours, theirs, 0.05) >= 0.98
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_reduced_precision_keeps_average_recall(default_checkpoint, coco_dir, precision):
+    from rpn_cli import Proposer
+    from rpn_cli.data import load_coco
+    from rpn_cli.evaluate import average_recall_report, proposals_from_model
+
+    images = load_coco(coco_dir / "instances.json")[:100]
+    full = average_recall_report(images, proposals_from_model(
+        Proposer(default_checkpoint, device="cuda", precision="float32"), images), (100, 300))
+    reduced = average_recall_report(images, proposals_from_model(
+        Proposer(default_checkpoint, device="cuda", precision=precision), images), (100, 300))
+    for key in ("AR@100", "AR@300"):
+        assert abs(reduced[key] - full[key]) < 0.005, (key, full[key], reduced[key])
+
+
+def test_gpu_memory_stays_flat_over_thousands_of_images(default_checkpoint):
+    from rpn_cli import Proposer
+
+    proposer = Proposer(default_checkpoint, device="cuda")
+    prepared = [proposer.prepare(path) for path in SAMPLE_FILES]
+    peaks = []
+    for rounds in (50, 750):  # 200, then 3,000 images
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(rounds):
+            for image in prepared:
+                proposer.propose_prepared([image])
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+    assert peaks[1] <= peaks[0] * 1.05 + (16 << 20), peaks
+
+
+def test_host_to_gpu_copies_come_from_pinned_memory(default_checkpoint):
+    """Pinned (page-locked) host memory is what lets a copy run while the GPU computes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rpn_cli import Proposer
+
+    proposer = Proposer(default_checkpoint, device="cuda")
+    image = proposer.prepare(SAMPLE_FILES[0])
+    proposer.propose_prepared([image])
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        proposer.propose_prepared([image])
+        torch.cuda.synchronize()
+    copies = [event.name for event in trace.events() if "Memcpy HtoD" in event.name]
+    assert copies and all("Pinned" in name for name in copies), copies
