@@ -203,9 +203,11 @@ def propose(
         from .tool_formats import default_image_ids, image_ids_from_annotations
 
         if engine == "ray":
-            _run_ray(items, checkpoint, out, output_format, ray_address, actors, device, precision, top_k, max_pixels,
-                     skip_existing, quiet, trust_torchscript, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
-                                                nms_iou=nms_iou, min_size=min_size, min_score=min_score))
+            _run_ray(items, checkpoint=checkpoint, out=out, output_format=output_format, address=ray_address,
+                     actors=actors, device=device, precision=precision, top_k=top_k, max_pixels=max_pixels,
+                     skip_existing=skip_existing, quiet=quiet, trust_torchscript=trust_torchscript,
+                     overrides=dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
+                                    min_size=min_size, min_score=min_score))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
@@ -225,8 +227,9 @@ def propose(
                             trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
                             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
                             min_size=min_size, min_score=min_score)
-        code = _run_propose(items, proposer, formats, out, batch_size, workers, draw_top,
-                            skip_existing, fail_fast, quiet, decoded_ahead, per_image=per_image,
+        code = _run_propose(items, proposer, formats=formats, out=out, batch_size=batch_size, workers=workers,
+                            draw_top=draw_top, skip_existing=skip_existing, fail_fast=fail_fast, quiet=quiet,
+                            decoded_ahead=decoded_ahead, per_image=per_image,
                             collected=collected, image_ids=image_ids,
                             model_version=f"rpn-cli {__version__} {_checkpoint_or_default(checkpoint).name}",
                             sheet=sheet)
@@ -238,7 +241,7 @@ def propose(
     raise typer.Exit(code)
 
 
-def _run_ray(items, checkpoint, out, output_format, address, actors, device, precision, top_k, max_pixels,
+def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, precision, top_k, max_pixels,
              skip_existing, quiet, trust_torchscript, overrides) -> None:
     """``rpn propose --engine ray``: always ends the command (exit 0, or 1 when an image failed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -260,9 +263,10 @@ def _run_ray(items, checkpoint, out, output_format, address, actors, device, pre
             elapsed = time.perf_counter() - started
             progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f} images/s" if elapsed else "")
 
-        summary = propose_with_ray(items, path, out, overrides, spec.preprocess, output_format or "jsonl",
-                                   address or os.environ.get("RAY_ADDRESS"), device, precision, actors, top_k,
-                                   max_pixels, skip_existing, progress=advance, trust_torchscript=trust_torchscript)
+        summary = propose_with_ray(items, path, out, overrides, spec.preprocess, output_format=output_format or "jsonl",
+                                   address=address or os.environ.get("RAY_ADDRESS"), device=device,
+                                   precision=precision, actors=actors, top_k=top_k, max_pixels=max_pixels,
+                                   skip_existing=skip_existing, progress=advance, trust_torchscript=trust_torchscript)
     if not quiet:
         err.print(f"{summary.images} images, {summary.proposals} proposals, {summary.failed} failed"
                   + (f", {summary.skipped} skipped (records exist)" if summary.skipped else "")
@@ -283,9 +287,9 @@ def _write_stdout(text: str) -> None:
         raise OutputError(f"standard output: cannot write ({error.strerror or error})") from error
 
 
-def _run_propose(items, proposer, formats, out, batch_size, workers, draw_top, skip_existing,
-                 fail_fast, quiet, decoded_ahead=None, *, per_image=(), collected=None, image_ids=None,
-                 model_version="", sheet=None) -> int:
+def _run_propose(items, proposer, *, formats, out, batch_size, workers, draw_top, skip_existing, fail_fast, quiet,
+                 decoded_ahead=None, per_image=(), collected=None, image_ids=None, model_version="",
+                 sheet=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .engine import Timings

@@ -57,6 +57,7 @@ def propose_images(
     items: Sequence[InputImage],
     model: RegionProposalNetwork,
     settings: ProposalSettings,
+    *,
     batch_size: int = 1,
     workers: int = 0,
     top_k: int | None = None,

@@ -98,8 +98,9 @@ class Proposer:
             items.extend([entry] if isinstance(entry, InputImage) else expand_inputs([str(entry)]))
         if workers is None:
             workers = default_decode_workers(self.device)
-        return propose_images(items, self.model, self.settings, batch_size, workers, self.top_k, self.max_pixels,
-                              timings, decoded_ahead)
+        return propose_images(items, self.model, self.settings, batch_size=batch_size, workers=workers,
+                              top_k=self.top_k, max_pixels=self.max_pixels, timings=timings,
+                              decoded_ahead=decoded_ahead)
 
 
 def _as_pil(image: ImageLike, max_pixels: int | None) -> Image.Image:

@@ -122,6 +122,7 @@ def propose_with_ray(
     out_dir: Path,
     limits: dict,
     preprocess: dict,
+    *,
     output_format: str = "jsonl",
     address: str | None = None,
     device: str = "auto",
