@@ -5,7 +5,9 @@
 
 Each part runs in its own process (so each has its own peak memory) on the same images:
   ours-cli   `rpn propose DIR --out TMP --format json` end to end, as a user runs it (process start included)
-  ours-split the same pipeline in-process, timed per stage (decode+resize, model, proposal layer, writing)
+  ours-split the same pipeline in-process, timed per stage (decode+resize, model, proposal layer, writing),
+             as auto runs it and with each backend and precision (PyTorch float32 and bfloat16, ONNX Runtime
+             float32) and --batch-size 4 (skip them all with --skip ours-split)
   selective  OpenCV's Selective Search, fast mode (needs the bench extra: opencv-contrib-python-headless)
   seed       the seed document's RPN code (tests/seed_reference.py), one image at a time, float32,
              ResNet-50 C4 in the seed project's layout: random weights, or --seed-weights CKPT's
@@ -46,7 +48,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def part_ours_split(files, checkpoint, out_dir, **_):
+def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto", batch_size=1, **_):
     import torch
 
     from rpn_cli import Proposer
@@ -54,18 +56,19 @@ def part_ours_split(files, checkpoint, out_dir, **_):
     from rpn_cli.inputs import expand_inputs
     from rpn_cli.outputs import write_image_outputs
 
-    proposer = Proposer(checkpoint, device="cpu")  # as rpn propose runs it (precision auto)
+    proposer = Proposer(checkpoint, device="cpu", backend=backend, precision=precision)  # defaults: as rpn propose
     items = expand_inputs([str(f) for f in files])
-    list(proposer.stream(items[:2], workers=0))  # warm-up: first-call allocations
+    list(proposer.stream(items[:2], workers=0))  # warm-up: first-call allocations (and a first ONNX build)
     timings, writing = Timings(), 0.0
     started = time.perf_counter()
-    for result in proposer.stream(items, workers=0, timings=timings):
+    for result in proposer.stream(items, workers=0, timings=timings, batch_size=batch_size):
         begun = time.perf_counter()
         write_image_outputs(Path(out_dir), result, ["json"], 0)
         writing += time.perf_counter() - begun
     total = time.perf_counter() - started
     return {"seconds": total, "images": len(files), "decode": timings.decode, "model": timings.model,
-            "proposal_layer": timings.proposal_layer, "writing": writing, "threads": torch.get_num_threads()}
+            "proposal_layer": timings.proposal_layer, "writing": writing, "threads": torch.get_num_threads(),
+            "engine": f"{type(proposer.model).__name__} {getattr(proposer.model, 'precision', 'float32')}"}
 
 
 def _timed_propose(files, checkpoint, out_dir, *options) -> dict:
@@ -171,6 +174,15 @@ def part_ours_c4(files, c4_checkpoint, precision, **_):
             "precision": proposer.model.precision}
 
 
+# In-process variants of the local pipeline: the backend and precision auto picks, and the others.
+SPLIT_VARIANTS = {
+    "ours-split": ({}, "rpn propose pipeline, in-process (auto: as rpn propose runs)"),
+    "ours-split-torch-float32": ({"backend": "torch", "precision": "float32"}, "  the same, PyTorch float32"),
+    "ours-split-torch-bfloat16": ({"backend": "torch", "precision": "bfloat16"}, "  the same, PyTorch bfloat16"),
+    "ours-split-onnxruntime": ({"backend": "onnxruntime"}, "  the same, ONNX Runtime float32"),
+    "ours-split-batch4": ({"batch_size": 4}, "  the same, auto, --batch-size 4"),
+}
+
 PARTS = {"ours-split": part_ours_split, "ours-cli": part_ours_cli, "selective": part_selective,
          "seed": part_seed, "ours-c4": part_ours_c4, "ray": part_ray}
 
@@ -203,8 +215,13 @@ def _machine() -> str:
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    return (f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), []))
+    features = ", ".join(f"{name} {'yes' if flag in flags else 'no'}"
+                         for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"),
+                                            ("AMX", "amx_bf16")))
+    return (f"{model}, {os.cpu_count()} cores ({features}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def main() -> None:
@@ -238,15 +255,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         common = {"files": [str(f) for f in files], "checkpoint": str(args.checkpoint)}
-        for name in ("ours-cli", "ours-split", "selective", "ray"):
-            if name not in skip:
+        for name in ("ours-cli", *SPLIT_VARIANTS, "selective", "ray"):
+            if name not in skip and not (name.startswith("ours-split-") and "ours-split" in skip):
                 # Our parts take seconds and vary run to run by about 10%: the median of --repeats runs.
                 runs = []
-                for attempt in range(args.repeats if name in ("ours-cli", "ours-split") else 1):
+                part, options = ("ours-split", SPLIT_VARIANTS[name][0]) if name in SPLIT_VARIANTS else (name, {})
+                for attempt in range(args.repeats if part in ("ours-cli", "ours-split") else 1):
                     out_dir = scratch / f"{name}-{attempt}"
                     out_dir.mkdir()
                     print(f"running {name} on {len(files)} images...", file=sys.stderr)
-                    runs.append(_run_part(name, {**common, "out_dir": str(out_dir)}))
+                    runs.append(_run_part(part, {**common, **options, "out_dir": str(out_dir)}))
                 runs.sort(key=lambda run: run["seconds"])
                 figures[name] = {**runs[len(runs) // 2], "runs_seconds": [round(run["seconds"], 2) for run in runs]}
         if "seed" not in skip:
@@ -279,7 +297,7 @@ def report(figures: dict, files: list, folder: Path) -> None:
     print("| what | s / image | images / s | peak MiB |")
     print("|---|---|---|---|")
     for name, label in (("ours-cli", "rpn propose (default checkpoint), end to end incl. start-up"),
-                        ("ours-split", "rpn propose pipeline, in-process"),
+                        *((name, label) for name, (_, label) in SPLIT_VARIANTS.items()),
                         ("selective", "Selective Search (OpenCV, fast)"),
                         ("ray", "rpn propose --engine ray (local Ray), end to end incl. start-up"),
                         ("seed", "seed's RPN code, ResNet-50 C4"),
@@ -291,8 +309,10 @@ def report(figures: dict, files: list, folder: Path) -> None:
     if "selective" in figures and "ours-cli" in figures:
         print(f"- Selective Search / rpn propose end to end: {per_image('selective') / per_image('ours-cli'):.1f}x "
               f"(rpn propose runs, seconds for {len(files)} images: {figures['ours-cli']['runs_seconds']})")
-    if "selective" in figures and "ours-split" in figures:
-        print(f"- Selective Search / rpn propose in-process: {per_image('selective') / per_image('ours-split'):.1f}x")
+    for name, (_, label) in SPLIT_VARIANTS.items():
+        if "selective" in figures and name in figures:
+            print(f"- Selective Search / {label.strip()} ({figures[name]['engine']}): "
+                  f"{per_image('selective') / per_image(name):.1f}x")
     if "ray" in figures and "ours-cli" in figures:
         overhead = figures["ray"]["seconds"] - figures["ours-cli"]["seconds"]
         print(f"- Ray engine / local engine, wall time: {figures['ray']['seconds'] / figures['ours-cli']['seconds']:.2f}x "
@@ -302,12 +322,13 @@ def report(figures: dict, files: list, folder: Path) -> None:
             print(f"- seed code / our resnet50-c4 ({figures[name]['precision']}): "
                   f"{per_image('seed') / per_image(name):.2f}x; seed boxes matched by ours at IoU >= 0.95: "
                   f"{figures[name]['matched_share']:.1%}")
-    if "ours-split" in figures:
-        split = figures["ours-split"]
-        parts = {k: split[k] for k in ("decode", "model", "proposal_layer", "writing")}
-        total = sum(parts.values())
-        print("- our time per image: " + ", ".join(f"{k} {1000 * v / split['images']:.1f} ms ({v / total:.0%})"
-                                                  for k, v in parts.items()))
+    for name, (_, label) in SPLIT_VARIANTS.items():
+        if name in figures:
+            split = figures[name]
+            parts = {k: split[k] for k in ("decode", "model", "proposal_layer", "writing")}
+            total = sum(parts.values())
+            print(f"- time per image, {label.strip()}: " + ", ".join(
+                f"{k} {1000 * v / split['images']:.1f} ms ({v / total:.0%})" for k, v in parts.items()))
 
 
 if __name__ == "__main__":
