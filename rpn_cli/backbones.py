@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UsageError
+from .errors import UsageError
 from .mobilenet import FeaturePyramid, mobilenet_v2_features
 
 BackboneBuilder = Callable[[dict], nn.Module]

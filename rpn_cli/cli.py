@@ -541,7 +541,6 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .devices import resolve_device
     from .errors import DataError
     from .evaluate import (average_recall_report, load_ground_truth, proposals_from_jsonl, proposals_from_model,
                            readable_only, write_recall_plot)

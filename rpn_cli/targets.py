@@ -1,11 +1,15 @@
-"""Training targets as in Faster R-CNN: anchor labels by IoU, sampling, and regression targets."""
+"""Training targets as in Faster R-CNN: anchor labels by IoU, sampling, regression targets, and the losses on them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import box_iou
+
+from .boxes import encode_boxes
 
 IGNORE, NEGATIVE, POSITIVE = -1, 0, 1
 
@@ -78,3 +82,40 @@ def sample_labels(labels: torch.Tensor, settings: TargetSettings, generator: tor
         drop = negatives[torch.randperm(negatives.numel(), generator=generator)[max_negative:].to(labels.device)]
         labels[drop] = IGNORE
     return labels
+
+
+def rpn_losses(
+    levels, images_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]], score_kind: str,
+    box_weights, delta_clamp: float, targets: TargetSettings, generator: torch.Generator,
+    images_ignore: Sequence[torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Objectness and box losses of a batch.
+
+    levels: the model's :class:`LevelOutput` list; images_boxes[i]: (K_i, 4) in resized pixels;
+    image_sizes[i]: (width, height) of image i before padding; images_ignore[i]: (R_i, 4) regions in
+    resized pixels where negatives are ignored.
+    """
+    anchors = torch.cat([level.anchors for level in levels])
+    cls_terms, box_terms, sampled_total = [], [], 0
+    for index, (boxes, (width, height)) in enumerate(zip(images_boxes, image_sizes)):
+        ignore = images_ignore[index] if images_ignore is not None else None
+        labels, matched = label_anchors(anchors, boxes, height, width, targets, ignore)
+        labels = sample_labels(labels, targets, generator)
+        sampled = torch.nonzero(labels >= NEGATIVE).flatten()
+        positive = torch.nonzero(labels == POSITIVE).flatten()
+        sampled_total += sampled.numel()
+        if score_kind == "sigmoid":
+            logits = torch.cat([level.logits[index] for level in levels])
+            cls_terms.append(F.binary_cross_entropy_with_logits(
+                logits[sampled], labels[sampled].float(), reduction="sum"))
+        else:
+            logits = torch.cat([level.logits[index] for level in levels])
+            cls_terms.append(F.cross_entropy(logits[sampled], labels[sampled], reduction="sum"))
+        deltas = torch.cat([level.deltas[index] for level in levels])
+        if positive.numel():
+            wanted = encode_boxes(anchors[positive], matched[positive], box_weights, delta_clamp)
+            box_terms.append(F.smooth_l1_loss(deltas[positive], wanted, beta=1.0 / 9, reduction="sum"))
+    normaliser = max(sampled_total, 1)
+    objectness_loss = torch.stack(cls_terms).sum() / normaliser
+    box_loss = torch.stack(box_terms).sum() / normaliser if box_terms else deltas.sum() * 0.0
+    return {"objectness": objectness_loss, "box": box_loss}

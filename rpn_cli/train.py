@@ -12,21 +12,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from .backbones import load_imagenet_weights
-from .boxes import encode_boxes
 from .checkpoint import atomic_write_bytes, load_checkpoint, load_plain_torch_file, save_checkpoint
 from .data import AnnotatedImage, load_coco, load_dataset, split_validation, without_photos_of
 from .errors import CheckpointError, ImageError, UsageError
 from .evaluate import average_recall_report, proposals_from_model, readable_only
 from .images import load_image
 from .model import ModelSpec, RegionProposalNetwork
-from .preprocess import resize_image, to_tensor
+from .preprocess import pad_batch, resize_image, to_tensor
 from .proposer import Proposer
-from .targets import NEGATIVE, POSITIVE, TargetSettings, label_anchors, sample_labels
+from .targets import TargetSettings, rpn_losses
 from .teacher import YoloxTeacher, merge_teacher_boxes, partial_label_targets
 
 
@@ -108,43 +106,6 @@ def freeze_first_blocks(backbone: nn.Module, count: int) -> None:
     for block in trunk_blocks(backbone)[:count]:
         for parameter in block.parameters():
             parameter.requires_grad_(False)
-
-
-def rpn_losses(
-    levels, images_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]], score_kind: str,
-    box_weights, delta_clamp: float, targets: TargetSettings, generator: torch.Generator,
-    images_ignore: Sequence[torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Objectness and box losses of a batch.
-
-    levels: the model's :class:`LevelOutput` list; images_boxes[i]: (K_i, 4) in resized pixels;
-    image_sizes[i]: (width, height) of image i before padding; images_ignore[i]: (R_i, 4) regions in
-    resized pixels where negatives are ignored.
-    """
-    anchors = torch.cat([level.anchors for level in levels])
-    cls_terms, box_terms, sampled_total = [], [], 0
-    for index, (boxes, (width, height)) in enumerate(zip(images_boxes, image_sizes)):
-        ignore = images_ignore[index] if images_ignore is not None else None
-        labels, matched = label_anchors(anchors, boxes, height, width, targets, ignore)
-        labels = sample_labels(labels, targets, generator)
-        sampled = torch.nonzero(labels >= NEGATIVE).flatten()
-        positive = torch.nonzero(labels == POSITIVE).flatten()
-        sampled_total += sampled.numel()
-        if score_kind == "sigmoid":
-            logits = torch.cat([level.logits[index] for level in levels])
-            cls_terms.append(F.binary_cross_entropy_with_logits(
-                logits[sampled], labels[sampled].float(), reduction="sum"))
-        else:
-            logits = torch.cat([level.logits[index] for level in levels])
-            cls_terms.append(F.cross_entropy(logits[sampled], labels[sampled], reduction="sum"))
-        deltas = torch.cat([level.deltas[index] for level in levels])
-        if positive.numel():
-            wanted = encode_boxes(anchors[positive], matched[positive], box_weights, delta_clamp)
-            box_terms.append(F.smooth_l1_loss(deltas[positive], wanted, beta=1.0 / 9, reduction="sum"))
-    normaliser = max(sampled_total, 1)
-    objectness_loss = torch.stack(cls_terms).sum() / normaliser
-    box_loss = torch.stack(box_terms).sum() / normaliser if box_terms else deltas.sum() * 0.0
-    return {"objectness": objectness_loss, "box": box_loss}
 
 
 _TEACHER_CACHE_VERSION = 2
@@ -271,6 +232,38 @@ def _provenance_summary(provenance: dict) -> dict:
     return summary
 
 
+@dataclass
+class _Run:
+    """A training run between its phases: what was set up, and the history so far."""
+
+    config: TrainConfig
+    spec: ModelSpec
+    model: RegionProposalNetwork
+    optimizer: torch.optim.Optimizer
+    samples: list[TrainingImage]
+    validation: list[AnnotatedImage]
+    from_scratch: bool
+    fixed_blocks: int
+    initialised_from: dict | None
+    history: list = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.samples) / self.config.batch_size)
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then a cosine decay to 0 over all epochs."""
+        total = self.steps_per_epoch * self.config.epochs
+        warm = min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+        return self.config.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * step / total))
+
+    @property
+    def setup(self) -> str:
+        """What a saved run must agree on to be continued: the model, and which of its weights train."""
+        return json.dumps({"backbone": self.spec.backbone, "levels": self.spec.levels, "from_scratch": self.from_scratch,
+                           "fixed_blocks": self.fixed_blocks}, sort_keys=True)
+
+
 def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
     """Train (or resume) and write ``work_dir/final.safetensors``; returns the last validation report."""
     work_dir = Path(config.work_dir)
@@ -278,7 +271,28 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
+    run = _set_up(config, spec, device, work_dir, report)
+    state_file = work_dir / "last.pt"
+    if state_file.exists():
+        _resume(run, state_file, report)
+    targets = TargetSettings(allowed_border=float("inf") if config.allowed_border is None else config.allowed_border)
+    for epoch in range(len(run.history), config.epochs):
+        started = time.time()
+        losses = _train_one_epoch(run, epoch, targets, device, report)
+        run.model.eval()
+        figures = evaluate_model(run.model, run.validation, report) if run.validation else {}
+        run.history.append({"epoch": epoch + 1, "seconds": round(time.time() - started, 1), "losses": losses,
+                            "validation": figures})
+        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
+                 "history": json.dumps(run.history), "setup": run.setup}
+        atomic_write_bytes(state_file, lambda tmp: torch.save(state, tmp))
+        report(TrainEvent("epoch", done=epoch + 1, total=config.epochs, epoch=epoch + 1, losses=losses,
+                          message=json.dumps(figures)))
+    return _finish(run, work_dir)
 
+
+def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir: Path, report: Reporter) -> _Run:
+    """Data (validation held out, teacher boxes), the model (initialised, partly frozen) and its optimizer."""
     images: list[AnnotatedImage] = []
     for source in config.sources:
         images.extend(load_dataset(source))
@@ -322,92 +336,78 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         report(TrainEvent("warning", message=f"--freeze-blocks {fixed_blocks} keeps random weights fixed"))
     freeze_first_blocks(model.backbone, fixed_blocks)
     model.to(device)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=config.learning_rate, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(samples) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    return _Run(config, spec, model, optimizer, samples, validation, from_scratch, fixed_blocks, initialised_from)
 
-    def learning_rate(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(config.warmup_steps, 1))
-        return config.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
-    state_file = work_dir / "last.pt"
-    start_epoch, history = 0, []
-    # What a saved run must agree on to be continued: the model, and which of its weights train.
-    setup = json.dumps({"backbone": spec.backbone, "levels": spec.levels, "from_scratch": from_scratch,
-                        "fixed_blocks": fixed_blocks}, sort_keys=True)
-    if state_file.exists():
-        state = _read_training_state(state_file)
-        if state.get("setup", setup) != setup:
-            raise CheckpointError(f"{state_file}: saved by a run with another backbone, start or --freeze-blocks; "
-                                  "use --restart to start over or another --work-dir")
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, history = int(state["epoch"]), json.loads(state["history"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"{state_file}: not a training state of this run ({_first_line(error)}); "
-                                  "use --restart to start over or another --work-dir") from error
-        report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {start_epoch}"))
+def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
+    """Continue from ``last.pt``: weights, optimizer and history, when it was saved by this same setup."""
+    state = _read_training_state(state_file)
+    if state.get("setup", run.setup) != run.setup:
+        raise CheckpointError(f"{state_file}: saved by a run with another backbone, start or --freeze-blocks; "
+                              "use --restart to start over or another --work-dir")
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.history = json.loads(state["history"])[: int(state["epoch"])]
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{state_file}: not a training state of this run ({_first_line(error)}); "
+                              "use --restart to start over or another --work-dir") from error
+    report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {len(run.history)}"))
 
-    target_settings = TargetSettings(
-        allowed_border=float("inf") if config.allowed_border is None else config.allowed_border)
-    last_report: dict = history[-1]["validation"] if history else {}
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        if not from_scratch:
-            _frozen_batchnorm(model.backbone)
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        rng = random.Random(config.seed * 1000 + epoch)
-        order = torch.randperm(len(samples), generator=generator).tolist()
-        started, sums = time.time(), {"objectness": 0.0, "box": 0.0}
-        for step in range(steps_per_epoch):
-            chosen = [samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
-            size = rng.choice(config.train_sizes)
-            tensors, boxes, ignores, sizes = [], [], [], []
-            for sample in chosen:
-                try:
-                    image = load_image(sample.path)
-                except ImageError as error:
-                    report(TrainEvent("warning", message=f"skipped: {error}"))
-                    continue
-                tensor, scaled, ignore = _augmented(image, sample.boxes, sample.ignore, spec, size, rng.random() < 0.5)
-                tensors.append(tensor)
-                boxes.append(scaled.to(device))
-                ignores.append(ignore.to(device))
-                sizes.append((tensor.shape[2], tensor.shape[1]))
-            if not tensors:
+
+def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: torch.device,
+                     report: Reporter) -> dict[str, float]:
+    """One pass over the training images in a seeded order; returns the mean losses."""
+    config, spec, model = run.config, run.spec, run.model
+    model.train()
+    if not run.from_scratch:
+        _frozen_batchnorm(model.backbone)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    rng = random.Random(config.seed * 1000 + epoch)
+    order = torch.randperm(len(run.samples), generator=generator).tolist()
+    size_divisible = int(spec.preprocess.get("size_divisible", 1))
+    sums = {"objectness": 0.0, "box": 0.0}
+    for step in range(run.steps_per_epoch):
+        chosen = [run.samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+        size = rng.choice(config.train_sizes)
+        tensors, boxes, ignores, sizes = [], [], [], []
+        for sample in chosen:
+            try:
+                image = load_image(sample.path)
+            except ImageError as error:
+                report(TrainEvent("warning", message=f"skipped: {error}"))
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch * steps_per_epoch + step)
-            batch = torch.zeros((len(tensors), 3, max(s[1] for s in sizes), max(s[0] for s in sizes)))
-            for i, tensor in enumerate(tensors):
-                batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
-            batch = batch.to(device)
-            if model.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp,
-                                target_settings, generator, ignores)
-            loss = losses["objectness"] + losses["box"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key in sums:
-                sums[key] += losses[key].item()
-            report(TrainEvent("step", done=step + 1, total=steps_per_epoch, epoch=epoch + 1,
-                              losses={key: value / (step + 1) for key, value in sums.items()}))
-        model.eval()
-        last_report = evaluate_model(model, validation, report) if validation else {}
-        history.append({"epoch": epoch + 1, "seconds": round(time.time() - started, 1),
-                        "losses": {key: round(value / steps_per_epoch, 5) for key, value in sums.items()},
-                        "validation": last_report})
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "history": json.dumps(history), "setup": setup}
-        atomic_write_bytes(state_file, lambda tmp: torch.save(state, tmp))
-        report(TrainEvent("epoch", done=epoch + 1, total=config.epochs, epoch=epoch + 1,
-                          losses=history[-1]["losses"], message=json.dumps(last_report)))
+            tensor, scaled, ignore = _augmented(image, sample.boxes, sample.ignore, spec, size, rng.random() < 0.5)
+            tensors.append(tensor)
+            boxes.append(scaled.to(device))
+            ignores.append(ignore.to(device))
+            sizes.append((tensor.shape[2], tensor.shape[1]))
+        if not tensors:
+            continue
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.learning_rate(epoch * run.steps_per_epoch + step)
+        batch = pad_batch(tensors, size_divisible).to(device)  # as inference pads
+        if model.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp, targets,
+                            generator, ignores)
+        run.optimizer.zero_grad(set_to_none=True)
+        (losses["objectness"] + losses["box"]).backward()
+        run.optimizer.step()
+        for key in sums:
+            sums[key] += losses[key].item()
+        report(TrainEvent("step", done=step + 1, total=run.steps_per_epoch, epoch=epoch + 1,
+                          losses={key: value / (step + 1) for key, value in sums.items()}))
+    return {key: round(value / run.steps_per_epoch, 5) for key, value in sums.items()}
 
+
+def _finish(run: _Run, work_dir: Path) -> dict:
+    """Write ``final.safetensors`` with its provenance; returns the last validation figures."""
+    config, spec, validation, samples = run.config, run.spec, run.validation, run.samples
+    fixed_blocks, history, model = run.fixed_blocks, run.history, run.model
+    last_report: dict = history[-1]["validation"] if history else {}
     spec.provenance = {
         "trained_by": "rpn train",
         "command": config.command,
@@ -421,8 +421,8 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         "history": history,
         "validation": last_report,
     }
-    if initialised_from is not None:
-        spec.provenance["initialised_from"] = initialised_from
+    if run.initialised_from is not None:
+        spec.provenance["initialised_from"] = run.initialised_from
     model.spec = spec
     save_checkpoint(model, work_dir / "final.safetensors", spec)
     return last_report

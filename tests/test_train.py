@@ -12,8 +12,8 @@ from rpn_cli.data import load_coco, load_dataset, load_voc, split_validation
 from rpn_cli.errors import DataError
 from rpn_cli.model import RegionProposalNetwork, default_mobilenet_spec
 from rpn_cli.preprocess import to_tensor
-from rpn_cli.targets import IGNORE, NEGATIVE, POSITIVE, TargetSettings, label_anchors, sample_labels
-from rpn_cli.train import TrainConfig, rpn_losses, train
+from rpn_cli.targets import IGNORE, NEGATIVE, POSITIVE, TargetSettings, label_anchors, rpn_losses, sample_labels
+from rpn_cli.train import TrainConfig, train
 
 SETTINGS = TargetSettings()
 
