@@ -56,7 +56,33 @@ def small_checkpoint(tmp_path_factory):
 
 
 def run_rpn(*args, input=None, cwd=None, check=False):
-    """``python -m rpn_cli ARGS`` as a subprocess, as a user runs it."""
+    """``rpn ARGS`` in this process (``app.run``: the entry point's own error handling and exit codes),
+    with stdin, stdout and stderr captured; Ray runs go to a process of their own (``run_rpn_process``)."""
+    import contextlib
+    import io
+    import subprocess
+
+    arguments = [str(arg) for arg in args]
+    if "--engine" in arguments and "ray" in arguments or cwd is not None:
+        return run_rpn_process(*arguments, input=input, cwd=cwd, check=check)
+    from rpn_cli import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_stdin = sys.stdin
+    sys.stdin = io.StringIO(input or "")
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = cli.app.run(arguments)
+    finally:
+        sys.stdin = saved_stdin
+    result = subprocess.CompletedProcess(["rpn", *arguments], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"rpn {' '.join(arguments)} failed ({code}): {result.stderr}")
+    return result
+
+
+def run_rpn_process(*args, input=None, cwd=None, check=False):
+    """``python -m rpn_cli ARGS`` as a subprocess, as a user runs it: for what only a process shows."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "rpn_cli", *map(str, args)], input=input, capture_output=True,
                             text=True, cwd=cwd, env=env, timeout=600)

@@ -1,6 +1,7 @@
 """The command line, through Typer's runner and as a subprocess, on real files."""
 
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from rpn_cli.model import parameter_count
 from rpn_cli.predict import proposals_for_batch
 from rpn_cli.preprocess import prepare_image
 
-from conftest import ROOT, SAMPLES, run_rpn
+from conftest import ROOT, SAMPLES, run_rpn, run_rpn_process
 from images_for_tests import write_test_images
 from seed_reference import SEED_PRINTED_ANCHOR_BASE
 
@@ -222,9 +223,20 @@ def test_usage_errors(checkpoint, tmp_path):
     assert result.exit_code == 2 and "both write" in result.output
 
 
-def test_version_and_module_entry_point():
-    result = run_rpn("--version", check=True)
-    assert result.stdout.startswith("rpn ")
+def test_the_rpn_script_and_python_m_rpn_cli_behave_the_same():
+    """Both entry points, as processes: the same output and exit codes (one-line usage errors included)."""
+    import os
+
+    script = Path(sys.executable).parent / "rpn"
+    if not script.is_file():
+        pytest.skip(f"no rpn script beside {sys.executable} (the package is not installed in this environment)")
+    for arguments in (["--version"], ["propose", "--bogus"], ["anchors", "--stride", "0"]):
+        module = run_rpn_process(*arguments)
+        console = subprocess.run([str(script), *arguments], capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert (module.returncode, module.stdout, module.stderr) == (console.returncode, console.stdout,
+                                                                     console.stderr)
+    assert module.returncode == 2 and module.stderr.count("\n") == 1 and "Traceback" not in module.stderr
 
 
 def test_overlay_colours_by_rank_and_a_contact_sheet(checkpoint, tmp_path, capsys):
