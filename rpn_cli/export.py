@@ -116,8 +116,12 @@ class ExportedRegionProposalNetwork:
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
+        options = onnxruntime.SessionOptions()
+        # ONNX Runtime's threads spin after each run by default, taking the cores from the proposal
+        # layer that runs next in PyTorch (measured: 20 ms instead of 10 ms an image on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=providers)
         except Exception as error:  # onnxruntime has its own exception types
             raise CheckpointError(f"{self.path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from error
         metadata = self.session.get_modelmeta().custom_metadata_map
