@@ -115,6 +115,8 @@ CASES = [
       for name, message in (("levels-string", "levels must be a non-empty list"),
                             ("size-negative", "preprocess.size must be a number of pixels from 16 to 8192"),
                             ("size-absurd", "preprocess.size must be a number of pixels from 16 to 8192"))],
+    ("convert: random bytes", ["convert", "{d}/work-random/last.pt", "{d}/never.safetensors"], 3,
+     "not a readable PyTorch state dict"),
     ("anchors: stride 0", ["anchors", "--stride", "0"], 2, "Invalid value for '--stride'"),
     ("anchors: negative stride", ["anchors", "--stride", "-16"], 2, "Invalid value for '--stride'"),
     ("anchors: huge scales", ["anchors", "--scales", "1e308", "--json"], 2, "anchors too large or too thin"),
@@ -157,6 +159,7 @@ def test_hostile_case_is_one_line_with_its_exit_code(hostile, small_checkpoint, 
     assert status == code, captured.err
     assert len(lines) == 1 and message in lines[0], captured.err
     assert lines[0].startswith("error: ") and "Traceback" not in captured.err
+    assert "weights_only" not in captured.err  # never the advice to load a file's code
     assert _tree(hostile) == before  # nothing written, nothing replaced, inside the folder or beside it
     assert not (hostile / "marker").exists() and not (hostile / "marker-train").exists()
 

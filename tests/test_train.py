@@ -354,3 +354,20 @@ def _small_checkpoint(tmp_path):
     path = tmp_path / "small.safetensors"
     save_checkpoint(RegionProposalNetwork(_small_spec()), path)
     return path
+
+
+def test_a_decompression_bomb_in_the_training_data_is_skipped_with_a_warning(tmp_path):
+    folder = _synthetic_dataset(tmp_path / "data")
+    coco = json.loads((folder / "instances.json").read_text())
+    Image.new("L", (12000, 8000)).save(folder / "images" / "bomb.png")  # 96 MP, over Pillow's 89.5 MP guard
+    coco["images"].append({"id": 50, "file_name": "bomb.png", "width": 12000, "height": 8000})
+    coco["annotations"].append({"id": 500, "image_id": 50, "category_id": 1, "bbox": [10, 10, 400, 400],
+                                "area": 160000, "iscrowd": 0})
+    (folder / "instances.json").write_text(json.dumps(coco))
+    config = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "work"), epochs=1,
+                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, seed=3)
+    events = []
+    train(config, _small_spec(), torch.device("cpu"), events.append)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any("bomb.png" in message and "decompression bomb guard" in message for message in warnings), warnings
+    assert (tmp_path / "work" / "final.safetensors").exists()
