@@ -223,6 +223,7 @@ def propose(
         given_paths = [item.given for item in items]
         image_ids = (image_ids_from_annotations(image_ids_file, given_paths) if image_ids_file
                      else default_image_ids(given_paths))
+        _note_first_onnx_build(_checkpoint_or_default(checkpoint), device, precision, backend, quiet)
         proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision, backend=backend,
                             trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
                             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
@@ -239,6 +240,21 @@ def propose(
         if decoded_ahead is not None:
             decoded_ahead.close()
     raise typer.Exit(code)
+
+
+def _note_first_onnx_build(checkpoint: Path, device: str, precision: str, backend: str, quiet: bool) -> None:
+    """Say why the first run with ONNX Runtime pauses: it builds the export it then keeps."""
+    from .backends import onnx_cache_path, resolve_backend
+    from .devices import resolve_device
+
+    if quiet or not checkpoint.is_file():
+        return
+    if resolve_backend(backend, resolve_device(device), precision, checkpoint) != "onnxruntime":
+        return
+    built = onnx_cache_path(checkpoint)
+    if not built.is_file():
+        err.print(f"note: building the ONNX Runtime model of {checkpoint.name} once (under a minute); it is kept in "
+                  f"{built.parent}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, precision, top_k, max_pixels,
@@ -560,6 +576,7 @@ def evaluate(
         else:
             from .proposer import Proposer
 
+            _note_first_onnx_build(_checkpoint_or_default(checkpoint), device, precision, backend, quiet)
             proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision,
                                 backend=backend, trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,

@@ -41,17 +41,20 @@ def test_explicit_backends_and_refusals(monkeypatch):
         backends.resolve_backend("tensorrt", CPU, "auto", OURS)
 
 
-def test_onnxruntime_gives_pytorchs_proposals_and_builds_once(small_checkpoint, tmp_path, monkeypatch):
+def test_onnxruntime_gives_pytorchs_proposals_and_builds_once(small_checkpoint, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from rpn_cli import Proposer
+    from rpn_cli import Proposer, cli
 
     monkeypatch.setenv("RPN_CACHE_DIR", str(tmp_path / "cache"))
-    reference = Proposer(small_checkpoint, device="cpu", precision="float32", backend="torch")
-    fast = Proposer(small_checkpoint, device="cpu", backend="onnxruntime")
+    command = ["propose", str(SAMPLES / "chelsea.jpg"), "-c", str(small_checkpoint), "--backend", "onnxruntime"]
+    assert cli.app.run(command) == 0
+    assert "note: building the ONNX Runtime model of random.safetensors once" in capsys.readouterr().err
     (built,) = (tmp_path / "cache" / "onnx").glob("*.onnx")
     stamp = built.stat().st_mtime_ns
-    Proposer(small_checkpoint, device="cpu", backend="onnxruntime")
+    reference = Proposer(small_checkpoint, device="cpu", precision="float32", backend="torch")
+    fast = Proposer(small_checkpoint, device="cpu", backend="onnxruntime")
+    assert cli.app.run(command) == 0 and "note:" not in capsys.readouterr().err
     assert built.stat().st_mtime_ns == stamp  # reused, not rebuilt
     for path in sorted(SAMPLES.glob("*.jpg")):
         ours, theirs = fast(path), reference(path)
