@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer._click.exceptions import ClickException  # typer's own click: what its parser raises
 
 from . import __version__
@@ -36,9 +37,13 @@ class _Command(typer.Typer):
         """Run a command line (``args``: as ``sys.argv[1:]``, default the process's) and return its exit
         code: the one place where usage errors become one line and an exit code."""
         signal.signal(signal.SIGTERM, _terminate)
+        kwargs.setdefault("prog_name", "rpn")  # the name help and errors show, however we were started
         try:
             return super().__call__(*args, standalone_mode=False, **kwargs) or 0
         except ClickException as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # bare `rpn`: the help, as a usage error
+                err.print(error.format_message(), markup=False, highlight=False)
+                return error.exit_code
             where = f"; see '{error.ctx.command_path} --help'" if getattr(error, "ctx", None) else ""
             err.print(f"error: {error.format_message().rstrip('.')}{where}", markup=False, highlight=False,
                       soft_wrap=True)
@@ -100,7 +105,7 @@ err = Console(stderr=True, highlight=False)
 
 def fail(error: RpnError) -> None:
     """One line on stderr and the error's exit code."""
-    err.print(f"[red]error:[/red] {error}", markup=True, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(str(error))}", markup=True, soft_wrap=True)  # paths may hold [brackets]
     raise typer.Exit(error.exit_code)
 
 
@@ -217,6 +222,8 @@ def propose(
         if per_image:
             check_output_names(items)
             check_output_paths(out, items, per_image)
+        if sheet is not None and os.path.realpath(sheet) in {os.path.realpath(i.given) for i in items if not i.problem}:
+            raise UsageError(f"--sheet {sheet} would replace an input; choose another file")
         if skip_existing and collected:
             raise UsageError(f"--skip-existing resumes per-image outputs; {', '.join(collected)} holds every "
                              "image in one file: run without it")

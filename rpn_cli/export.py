@@ -16,7 +16,7 @@ import torch
 from .backends import onnx_cache_path, resolve_backend
 from .checkpoint import METADATA_KEY, atomic_write_bytes, load_checkpoint, read_spec
 from .devices import PRECISION_DTYPES, resolve_precision
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, RpnError, UsageError
 from .model import LevelOutput, ModelSpec, RegionProposalNetwork, flatten_outputs, fold_batchnorm
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -169,10 +169,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", precision: 
         return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)
     if resolve_backend(backend, device, precision, path) == "onnxruntime":
         read_spec(path)  # a checkpoint of ours, checked before it is hashed and exported
-        exported = onnx_cache_path(path)
-        if not exported.is_file():  # built once (tens of seconds), then reused
-            export_model(path, exported, "onnx")
-        return ExportedRegionProposalNetwork(exported, device)
+        try:
+            exported = onnx_cache_path(path)
+            if not exported.is_file():  # built once (tens of seconds), then reused
+                export_model(path, exported, "onnx")
+            return ExportedRegionProposalNetwork(exported, device)
+        except Exception as error:  # an unwritable cache, an exporter failure: PyTorch still runs it
+            if backend != "auto":
+                raise error if isinstance(error, RpnError) else CheckpointError(
+                    f"{path}: the ONNX Runtime backend could not be built ({str(error).splitlines()[0]})") from error
     model = load_checkpoint(path, device)
     dtype = PRECISION_DTYPES[resolve_precision(precision, device)]
     if dtype != torch.float32 or getattr(model.backbone, "fold_in_float32", True):

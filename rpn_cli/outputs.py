@@ -83,7 +83,7 @@ def check_output_paths(out_dir: Path, items: list[InputImage], formats: list[str
 
 
 # What atomic_write_bytes leaves when a run is killed mid-write: ".NAME.<8 random>.tmp".
-_STALE_TEMPORARY = re.compile(r"\..+\.(json|png)\.[A-Za-z0-9_]{8}\.tmp")
+_STALE_TEMPORARY = re.compile(r"\..+\.(json|png|txt)\.[A-Za-z0-9_]{8}\.tmp")
 
 
 def remove_stale_temporaries(out_dir: Path) -> int:

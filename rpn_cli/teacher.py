@@ -7,6 +7,7 @@ onnxruntime is an optional dependency (the ``train`` extra).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ class YoloxTeacher:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise UsageError(f"{model_path}: no such teacher model")
+        # Which model labelled what: caches of its detections are valid for this file only.
+        self.fingerprint = hashlib.sha256(model_path.read_bytes()).hexdigest()[:16]
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

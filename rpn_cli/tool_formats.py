@@ -27,7 +27,7 @@ def default_image_ids(images: Sequence[str]) -> dict[str, int]:
     """COCO-style numeric ids: a file's name when every name is a distinct number (COCO's own files,
     ``000000397133.jpg`` -> 397133), else 1..N in input order."""
     stems = [os.path.splitext(os.path.basename(image))[0] for image in images]
-    if stems and all(stem.isdigit() for stem in stems) and len({int(s) for s in stems}) == len(stems):
+    if stems and all(stem.isdecimal() and stem.isascii() for stem in stems) and len({int(s) for s in stems}) == len(stems):
         return {image: int(stem) for image, stem in zip(images, stems)}
     return {image: number for number, image in enumerate(images, 1)}
 

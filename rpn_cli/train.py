@@ -115,7 +115,7 @@ def _teacher_detections(
     images: list[AnnotatedImage], teacher: YoloxTeacher, min_score: float, cache_file: Path, report: Reporter,
 ) -> dict[str, np.ndarray]:
     """The teacher's detections (T, 6: box, objectness, category id) of each readable image, down to
-    ``min_score``; cached in ``cache_file`` (recomputed when the cache went less deep)."""
+    ``min_score``; cached in ``cache_file`` (recomputed when another teacher made it or it went less deep)."""
     cache = {}
     if cache_file.exists():
         try:
@@ -123,7 +123,7 @@ def _teacher_detections(
         except (OSError, json.JSONDecodeError):
             stored = {}
         if (isinstance(stored, dict) and stored.get("version") == _TEACHER_CACHE_VERSION
-                and stored.get("min_score", 1.0) <= min_score):
+                and stored.get("teacher") == teacher.fingerprint and stored.get("min_score", 1.0) <= min_score):
             cache = stored["images"]
     found, changed = {}, False
     for done, image in enumerate(images):
@@ -140,7 +140,8 @@ def _teacher_detections(
         found[key] = rows[rows[:, 4] >= min_score]
         report(TrainEvent("teacher", done=done + 1, total=len(images)))
     if changed or not cache_file.exists():
-        payload = {"version": _TEACHER_CACHE_VERSION, "min_score": min_score, "images": cache}
+        payload = {"version": _TEACHER_CACHE_VERSION, "teacher": teacher.fingerprint, "min_score": min_score,
+                   "images": cache}
         atomic_write_bytes(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(payload)))
     return found
 

@@ -39,7 +39,10 @@ def _draw_boxes(draw: ImageDraw.ImageDraw, boxes: list[list[float]], line: int, 
         colour = RANK_COLOURS[rank % len(RANK_COLOURS)]
         width = line if rank < numbered else max(1, line - 1)
         draw.rectangle((x1, y1, x2, y2), outline=OUTLINE, width=width + 2)
-        draw.rectangle((x1 + 1, y1 + 1, x2 - 1, y2 - 1), outline=colour, width=width)
+        if x2 - x1 >= 2 and y2 - y1 >= 2:
+            draw.rectangle((x1 + 1, y1 + 1, x2 - 1, y2 - 1), outline=colour, width=width)
+        else:  # too thin for an outline inside it: the colour alone
+            draw.rectangle((x1, y1, x2, y2), outline=colour, width=1)
         if rank < numbered:
             label = str(rank + 1)
             left, top, right, bottom = draw.textbbox((0, 0), label, font=font)

@@ -63,3 +63,17 @@ def test_onnxruntime_gives_pytorchs_proposals_and_builds_once(small_checkpoint, 
         np.testing.assert_allclose(ours.scores.numpy(), theirs.scores.numpy(), atol=1e-4)
         matched = np.isclose(ours.boxes.numpy(), theirs.boxes.numpy(), atol=0.02).all(axis=1)
         assert matched.mean() >= 0.98
+
+
+def test_auto_falls_back_to_pytorch_when_the_export_cannot_be_built(small_checkpoint, monkeypatch, tmp_path):
+    from rpn_cli.errors import RpnError
+    from rpn_cli.export import load_model
+    from rpn_cli.model import RegionProposalNetwork
+
+    monkeypatch.setattr(backends, "cpu_has_bfloat16", lambda: False)
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: True)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RPN_CACHE_DIR", str(tmp_path / "a-file"))  # no folder can be made there
+    assert isinstance(load_model(small_checkpoint, "cpu", "auto", backend="auto"), RegionProposalNetwork)
+    with pytest.raises(RpnError, match="cannot write|could not be built"):
+        load_model(small_checkpoint, "cpu", "auto", backend="onnxruntime")

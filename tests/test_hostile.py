@@ -252,3 +252,23 @@ def test_sigterm_exits_143_without_temporaries_and_a_resume_completes(tmp_path, 
     resumed = subprocess.run([*command, "--skip-existing"], capture_output=True, text=True, env=_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert not stale.exists() and len(list(out.glob("*.png"))) == 60 and len(list(out.glob("*.json"))) == 60
+
+
+def test_odd_file_names_and_a_sheet_over_an_input(tmp_path, small_checkpoint, capsys):
+    """Brackets in a path print as they are; a contact sheet may not replace an input; a bare `rpn`
+    shows the help; tiny boxes draw (a 40-px photo's 8-px proposals are about 1 px)."""
+    (tmp_path / "d[").mkdir()
+    odd = tmp_path / "d[" / "x].jpg"  # its path holds "[/x]", a closing tag to a markup parser
+    shutil.copy(SAMPLE, odd)
+    status = cli.app.run(["propose", str(odd), "-c", str(tmp_path / "d[" / "x]-[red]none.safetensors")])
+    assert status == 3 and "d[/x]-[red]none.safetensors: no such checkpoint" in capsys.readouterr().err
+    status = cli.app.run(["propose", str(odd), "-c", str(small_checkpoint), "--sheet", str(odd)])
+    assert status == 2 and "would replace an input" in capsys.readouterr().err
+    assert odd.read_bytes() == SAMPLE.read_bytes()
+    assert cli.app.run([]) == 2 and "Usage: rpn" in capsys.readouterr().err
+    Image.open(SAMPLE).resize((40, 27)).save(tmp_path / "tiny.png")
+    status = cli.app.run(["propose", str(tmp_path / "tiny.png"), "-c", str(small_checkpoint), "--out",
+                          str(tmp_path / "out"), "--format", "png", "--draw-top", "300", "--min-size", "0",
+                          "--sheet", str(tmp_path / "sheet.png"), "-q"])
+    assert status == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "tiny.png").exists() and (tmp_path / "sheet.png").exists()
