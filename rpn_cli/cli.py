@@ -230,8 +230,9 @@ def propose(
         given_paths = [item.given for item in items]
         image_ids = (image_ids_from_annotations(image_ids_file, given_paths) if image_ids_file
                      else default_image_ids(given_paths))
-        _note_first_onnx_build(_checkpoint_or_default(checkpoint), device, precision, backend, quiet)
-        proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision, backend=backend,
+        checkpoint = _checkpoint_or_default(checkpoint)
+        _note_first_onnx_build(checkpoint, device, precision, backend, quiet)
+        proposer = Proposer(checkpoint, device=device, precision=precision, backend=backend,
                             trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
                             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
                             min_size=min_size, min_score=min_score)
@@ -239,7 +240,7 @@ def propose(
                             draw_top=draw_top, skip_existing=skip_existing, fail_fast=fail_fast, quiet=quiet,
                             decoded_ahead=decoded_ahead, per_image=per_image,
                             collected=collected, image_ids=image_ids,
-                            model_version=f"rpn-cli {__version__} {_checkpoint_or_default(checkpoint).name}",
+                            model_version=f"rpn-cli {__version__} {checkpoint.name}",
                             sheet=sheet)
     except RpnError as error:
         fail(error)
@@ -583,8 +584,9 @@ def evaluate(
         else:
             from .proposer import Proposer
 
-            _note_first_onnx_build(_checkpoint_or_default(checkpoint), device, precision, backend, quiet)
-            proposer = Proposer(_checkpoint_or_default(checkpoint), device=device, precision=precision,
+            checkpoint = _checkpoint_or_default(checkpoint)
+            _note_first_onnx_build(checkpoint, device, precision, backend, quiet)
+            proposer = Proposer(checkpoint, device=device, precision=precision,
                                 backend=backend, trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:
