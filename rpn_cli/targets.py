@@ -36,6 +36,16 @@ def label_anchors(
     ``ignore_boxes`` (R, 4): regions where nothing is known (an object may be there unlabelled): a
     negative anchor overlapping one by ``negative_iou`` or more is ignored instead.
     """
+    labels, matched = match_anchors(anchors, gt_boxes, image_height, image_width, settings, ignore_boxes)
+    return labels, (gt_boxes.to(anchors)[matched] if gt_boxes.numel() else anchors.clone())
+
+
+def match_anchors(
+    anchors: torch.Tensor, gt_boxes: torch.Tensor, image_height: int, image_width: int,
+    settings: TargetSettings = TargetSettings(), ignore_boxes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`label_anchors`, with the index (M,) of each anchor's best box in place of the box
+    (all 0 when there are no boxes)."""
     border = settings.allowed_border
     inside = (
         (anchors[:, 0] >= -border) & (anchors[:, 1] >= -border)
@@ -45,7 +55,7 @@ def label_anchors(
     if gt_boxes.numel() == 0:
         labels[inside] = NEGATIVE
         _ignore_unknown(labels, anchors, ignore_boxes, settings)
-        return labels, anchors.clone()
+        return labels, torch.zeros_like(labels)
     iou = box_iou(anchors, gt_boxes.to(anchors))
     iou[~inside] = -1.0
     best_iou, best_gt = iou.max(dim=1)
@@ -56,7 +66,7 @@ def label_anchors(
     is_best = ((iou == gt_best.unsqueeze(0)) & (gt_best.unsqueeze(0) > 0)).any(dim=1)
     labels[is_best & inside] = POSITIVE
     _ignore_unknown(labels, anchors, ignore_boxes, settings)
-    return labels, gt_boxes.to(anchors)[best_gt]
+    return labels, best_gt
 
 
 def _ignore_unknown(labels: torch.Tensor, anchors: torch.Tensor, ignore_boxes: torch.Tensor | None,
@@ -87,27 +97,32 @@ def sample_labels(labels: torch.Tensor, settings: TargetSettings, generator: tor
 def rpn_losses(
     levels, images_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]], score_kind: str,
     box_weights, delta_clamp: float, targets: TargetSettings, generator: torch.Generator,
-    images_ignore: Sequence[torch.Tensor] | None = None,
+    images_ignore: Sequence[torch.Tensor] | None = None, images_confidence: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Objectness and box losses of a batch.
 
     levels: the model's :class:`LevelOutput` list; images_boxes[i]: (K_i, 4) in resized pixels;
     image_sizes[i]: (width, height) of image i before padding; images_ignore[i]: (R_i, 4) regions in
-    resized pixels where negatives are ignored.
+    resized pixels where negatives are ignored; images_confidence[i]: (K_i,) the objectness target of
+    a positive anchor matched to each box (soft targets, sigmoid scores only; default 1).
     """
     anchors = torch.cat([level.anchors for level in levels])
     cls_terms, box_terms, sampled_total = [], [], 0
     for index, (boxes, (width, height)) in enumerate(zip(images_boxes, image_sizes)):
         ignore = images_ignore[index] if images_ignore is not None else None
-        labels, matched = label_anchors(anchors, boxes, height, width, targets, ignore)
+        labels, matched_index = match_anchors(anchors, boxes, height, width, targets, ignore)
+        matched = boxes.to(anchors)[matched_index] if boxes.numel() else anchors
         labels = sample_labels(labels, targets, generator)
         sampled = torch.nonzero(labels >= NEGATIVE).flatten()
         positive = torch.nonzero(labels == POSITIVE).flatten()
         sampled_total += sampled.numel()
         if score_kind == "sigmoid":
             logits = torch.cat([level.logits[index] for level in levels])
+            wanted_scores = labels.float()
+            if images_confidence is not None and positive.numel():
+                wanted_scores[positive] = images_confidence[index].to(logits)[matched_index[positive]]
             cls_terms.append(F.binary_cross_entropy_with_logits(
-                logits[sampled], labels[sampled].float(), reduction="sum"))
+                logits[sampled], wanted_scores[sampled], reduction="sum"))
         else:
             logits = torch.cat([level.logits[index] for level in levels])
             cls_terms.append(F.cross_entropy(logits[sampled], labels[sampled], reduction="sum"))

@@ -89,30 +89,45 @@ def _grid(size: int) -> np.ndarray:
 
 def merge_teacher_boxes(annotated: np.ndarray, teacher: np.ndarray, max_iou: float = 0.5) -> np.ndarray:
     """Annotated boxes plus the teacher's boxes that overlap none of them by ``max_iou`` or more."""
-    if len(teacher) == 0:
-        return annotated
-    if len(annotated) == 0:
-        return teacher.astype(np.float32)
+    return annotated if len(teacher) == 0 else np.concatenate(
+        (annotated.astype(np.float32), teacher[_unclaimed(annotated, teacher, max_iou)].astype(np.float32)), axis=0)
+
+
+def _unclaimed(annotated: np.ndarray, teacher: np.ndarray, max_iou: float) -> np.ndarray:
+    """(T,) bool: the teacher boxes that overlap no annotated box by ``max_iou`` or more."""
+    if len(annotated) == 0 or len(teacher) == 0:
+        return np.ones(len(teacher), bool)
     overlap = box_iou(torch.from_numpy(teacher).float(), torch.from_numpy(annotated).float()).max(dim=1).values
-    extra = teacher[(overlap < max_iou).numpy()]
-    return np.concatenate((annotated, extra.astype(np.float32)), axis=0)
+    return (overlap < max_iou).numpy()
+
+
+def merged_confidence(annotated: np.ndarray, teacher: np.ndarray, teacher_scores: np.ndarray,
+                      max_iou: float = 0.5) -> np.ndarray:
+    """(K,) float32, row for row with :func:`merge_teacher_boxes`: 1 for an annotated box, the teacher's
+    objectness for each of its boxes kept."""
+    kept = teacher_scores[_unclaimed(annotated, teacher, max_iou)] if len(teacher) else teacher_scores[:0]
+    return np.concatenate((np.ones(len(annotated), np.float32), kept.astype(np.float32)))
 
 
 def partial_label_targets(
     annotated: np.ndarray, labelled_categories: frozenset[int], teacher_boxes: np.ndarray, teacher_scores: np.ndarray,
     teacher_categories: np.ndarray, threshold: float, ignore_threshold: float, max_iou: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(boxes, ignore regions) of an image whose annotations cover only ``labelled_categories``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes, confidence, ignore regions) of an image whose annotations cover only ``labelled_categories``.
 
     annotated: (K, 4) human boxes; teacher_*: (T, 4), (T,), (T,) detections, COCO category ids.
     Boxes: the human boxes plus the teacher's boxes (objectness >= ``threshold``) of other categories
     that overlap no human box by ``max_iou``; the teacher's boxes of labelled categories give way to the
-    human ones (those are complete). Ignore regions (R, 4): the teacher's less confident boxes of other
-    categories (``ignore_threshold`` <= objectness < ``threshold``), where a missing annotation is not
-    evidence of background. Returns float32 arrays.
+    human ones (those are complete). Confidence (B,): 1 for a human box, the teacher's objectness for its
+    own. Ignore regions (R, 4): the teacher's less confident boxes of other categories
+    (``ignore_threshold`` <= objectness < ``threshold``), where a missing annotation is not evidence of
+    background. Returns float32 arrays.
     """
     other = ~np.isin(teacher_categories, list(labelled_categories))
     confident = other & (teacher_scores >= threshold)
     uncertain = other & (teacher_scores >= ignore_threshold) & (teacher_scores < threshold)
-    boxes = merge_teacher_boxes(annotated.astype(np.float32), teacher_boxes[confident].astype(np.float32), max_iou)
-    return boxes, teacher_boxes[uncertain].astype(np.float32).reshape(-1, 4)
+    annotated = annotated.astype(np.float32)
+    chosen = teacher_boxes[confident].astype(np.float32).reshape(-1, 4)
+    boxes = merge_teacher_boxes(annotated, chosen, max_iou)
+    confidence = merged_confidence(annotated, chosen, teacher_scores[confident], max_iou)
+    return boxes, confidence, teacher_boxes[uncertain].astype(np.float32).reshape(-1, 4)

@@ -25,7 +25,7 @@ from .model import ModelSpec, RegionProposalNetwork
 from .preprocess import pad_batch, resize_image, to_tensor
 from .proposer import Proposer
 from .targets import TargetSettings, rpn_losses
-from .teacher import YoloxTeacher, merge_teacher_boxes, partial_label_targets
+from .teacher import YoloxTeacher, merge_teacher_boxes, merged_confidence, partial_label_targets
 
 
 @dataclass
@@ -55,6 +55,8 @@ class TrainConfig:
     # Teacher boxes from this objectness up to teacher_threshold mark regions left out of the loss
     # (ignored, not background) on photos whose annotations are partial or absent.
     teacher_ignore_threshold: float = 0.1
+    # Distillation: a positive anchor on a teacher box learns the teacher's objectness, not 1.
+    soft_targets: bool = False
     # None: every anchor takes part (torchvision's rule); a number: anchors crossing the border by more
     # than that many pixels are left out (the paper's rule is 0). See README, "Training".
     allowed_border: float | None = None
@@ -69,6 +71,7 @@ class TrainingImage:
     path: Path
     boxes: np.ndarray  # (K, 4) x1y1x2y2, original pixels, crowd removed
     ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (R, 4) unknown regions
+    confidence: np.ndarray | None = None  # (K,) objectness target of each box; None: all 1
 
 
 @dataclass
@@ -148,11 +151,12 @@ def _teacher_detections(
 
 def _training_images(
     images: list[AnnotatedImage], teacher: YoloxTeacher | None, threshold: float, ignore_threshold: float,
-    cache_file: Path, report: Reporter,
+    cache_file: Path, report: Reporter, soft_targets: bool = False,
 ) -> list[TrainingImage]:
     """Boxes to train on: annotations (crowd removed) plus, with a teacher, its boxes for what they miss;
     unlabeled images only with a teacher. On partially labelled and unlabeled images the teacher's less
-    sure boxes become ignore regions. Teacher detections are cached in ``cache_file``."""
+    sure boxes become ignore regions. With ``soft_targets`` each teacher box carries its objectness.
+    Teacher detections are cached in ``cache_file``."""
     if teacher is None:
         return [TrainingImage(image.path, image.boxes[~image.crowd]) for image in images
                 if image.labelled and image.categories is None]
@@ -164,32 +168,37 @@ def _training_images(
             continue
         annotated = image.boxes[~image.crowd]
         if image.labelled and image.categories is None:
-            boxes = merge_teacher_boxes(annotated, rows[rows[:, 4] >= threshold, :4])
-            result.append(TrainingImage(image.path, boxes))
+            confident = rows[rows[:, 4] >= threshold]
+            boxes = merge_teacher_boxes(annotated, confident[:, :4])
+            confidence = merged_confidence(annotated, confident[:, :4], confident[:, 4]) if soft_targets else None
+            result.append(TrainingImage(image.path, boxes, confidence=confidence))
             continue
         labelled = image.categories if image.labelled else frozenset()
-        boxes, ignore = partial_label_targets(annotated, labelled, rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64),
-                                              threshold, ignore_threshold)
-        result.append(TrainingImage(image.path, boxes, ignore))
+        boxes, confidence, ignore = partial_label_targets(annotated, labelled, rows[:, :4], rows[:, 4],
+                                                          rows[:, 5].astype(np.int64), threshold, ignore_threshold)
+        result.append(TrainingImage(image.path, boxes, ignore, confidence if soft_targets else None))
     return result
 
 
-def _augmented(image: Image.Image, boxes: np.ndarray, ignore: np.ndarray, spec: ModelSpec, size: int, flip: bool):
-    """(image tensor, boxes, ignore regions) resized to shorter side ``size``, mirrored when ``flip``."""
+def _augmented(image: Image.Image, boxes: np.ndarray, ignore: np.ndarray, confidence: np.ndarray | None,
+               spec: ModelSpec, size: int, flip: bool):
+    """(image tensor, boxes, ignore regions, confidence of the boxes kept) resized to shorter side ``size``,
+    mirrored when ``flip``; boxes under a pixel wide or high are dropped."""
     resized = resize_image(image, spec.preprocess, size)
     sx, sy = resized.width / image.width, resized.height / image.height
 
-    def place(rows: np.ndarray) -> torch.Tensor:
+    def place(rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         scaled = rows * np.array([sx, sy, sx, sy], np.float32)
         if flip:
             scaled = np.stack((resized.width - scaled[:, 2], scaled[:, 1], resized.width - scaled[:, 0], scaled[:, 3]), 1)
         keep = ((scaled[:, 2] - scaled[:, 0]) >= 1) & ((scaled[:, 3] - scaled[:, 1]) >= 1)
-        return torch.from_numpy(scaled[keep].reshape(-1, 4))
+        return torch.from_numpy(scaled[keep].reshape(-1, 4)), keep
 
-    placed_boxes, placed_ignore = place(boxes), place(ignore)
+    (placed_boxes, kept), (placed_ignore, _) = place(boxes), place(ignore)
+    placed_confidence = None if confidence is None else torch.from_numpy(confidence[kept])
     if flip:
         resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(resized, spec.preprocess), placed_boxes, placed_ignore
+    return to_tensor(resized, spec.preprocess), placed_boxes, placed_ignore, placed_confidence
 
 
 def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage],
@@ -306,13 +315,15 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
         complete = sum(image.labelled and image.categories is None for image in images)
         validation_count = min(config.validation_count, max(complete - 1, 0))
         train_images, validation = split_validation(images, validation_count, config.seed)
+    if config.soft_targets and (config.teacher is None or spec.score != "sigmoid"):
+        raise UsageError("--soft-targets needs --teacher and a model with sigmoid scores")
     teacher = YoloxTeacher(config.teacher) if config.teacher else None
     incomplete = sum(not image.labelled or image.categories is not None for image in train_images)
     if teacher is None and incomplete:
         report(TrainEvent("warning", message=f"{incomplete} unlabeled or partially labelled images are unused "
                                              "without --teacher"))
     samples = _training_images(train_images, teacher, config.teacher_threshold, config.teacher_ignore_threshold,
-                               work_dir / "teacher_detections.json", report)
+                               work_dir / "teacher_detections.json", report, config.soft_targets)
     if not samples:
         raise UsageError("no training images")
 
@@ -373,17 +384,19 @@ def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: tor
     for step in range(run.steps_per_epoch):
         chosen = [run.samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
         size = rng.choice(config.train_sizes)
-        tensors, boxes, ignores, sizes = [], [], [], []
+        tensors, boxes, ignores, confidences, sizes = [], [], [], [], []
         for sample in chosen:
             try:
                 image = load_image(sample.path)
             except ImageError as error:
                 report(TrainEvent("warning", message=f"skipped: {error}"))
                 continue
-            tensor, scaled, ignore = _augmented(image, sample.boxes, sample.ignore, spec, size, rng.random() < 0.5)
+            tensor, scaled, ignore, confidence = _augmented(image, sample.boxes, sample.ignore, sample.confidence, spec,
+                                                            size, rng.random() < 0.5)
             tensors.append(tensor)
             boxes.append(scaled.to(device))
             ignores.append(ignore.to(device))
+            confidences.append(torch.ones(len(scaled)) if confidence is None else confidence)
             sizes.append((tensor.shape[2], tensor.shape[1]))
         if not tensors:
             continue
@@ -393,7 +406,7 @@ def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: tor
         if model.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp, targets,
-                            generator, ignores)
+                            generator, ignores, confidences if config.soft_targets else None)
         run.optimizer.zero_grad(set_to_none=True)
         (losses["objectness"] + losses["box"]).backward()
         run.optimizer.step()

@@ -76,15 +76,41 @@ def test_partial_labels_merge_human_and_teacher_boxes():
     ], np.float32)
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.15, 0.05], np.float32)
     categories = np.array([person, person, dog, dog, dog, dog])
-    boxes, ignore = partial_label_targets(humans, frozenset({person}), teacher, scores, categories,
-                                          threshold=0.2, ignore_threshold=0.1)
+    boxes, confidence, ignore = partial_label_targets(humans, frozenset({person}), teacher, scores, categories,
+                                                      threshold=0.2, ignore_threshold=0.1)
     np.testing.assert_array_equal(boxes, np.array([[10, 10, 50, 90], [100, 10, 140, 90], [300, 100, 380, 160]],
                                                   np.float32))
+    np.testing.assert_array_equal(confidence, np.array([1.0, 1.0, 0.7], np.float32))  # humans sure, the dog 0.7
     np.testing.assert_array_equal(ignore, np.array([[400, 10, 440, 60]], np.float32))
     # An unlabeled photo (no category is complete): every confident teacher box is an object.
-    boxes, ignore = partial_label_targets(np.zeros((0, 4), np.float32), frozenset(), teacher, scores, categories,
-                                          threshold=0.2, ignore_threshold=0.1)
+    boxes, confidence, ignore = partial_label_targets(np.zeros((0, 4), np.float32), frozenset(), teacher, scores,
+                                                      categories, threshold=0.2, ignore_threshold=0.1)
     assert len(boxes) == 4 and len(ignore) == 1
+    np.testing.assert_array_equal(confidence, scores[:4])
+
+
+def test_soft_targets_train_a_teacher_box_towards_its_objectness():
+    from rpn_cli.model import LevelOutput
+
+    # Two boxes, each exactly on one anchor: a human box (confidence 1) and a teacher box (0.6).
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [64.0, 64.0, 96.0, 96.0], [0.0, 64.0, 32.0, 96.0]])
+    boxes = [anchors[:2].clone()]
+    logits = torch.tensor([[0.5, -1.0, 2.0]])
+    level = LevelOutput(logits, torch.zeros((1, 3, 4)), anchors, 1, 3)
+
+    def objectness(confidence):
+        return float(rpn_losses([level], boxes, [(128, 128)], "sigmoid", (1.0, 1.0, 1.0, 1.0), 4.0, SETTINGS,
+                                torch.Generator().manual_seed(0), images_confidence=confidence)["objectness"])
+
+    def bce(logit, target):  # written out, not torch's
+        p = 1 / (1 + np.exp(-logit))
+        return -(target * np.log(p) + (1 - target) * np.log(1 - p))
+
+    soft = (bce(0.5, 1.0) + bce(-1.0, 0.6) + bce(2.0, 0.0)) / 3
+    hard = (bce(0.5, 1.0) + bce(-1.0, 1.0) + bce(2.0, 0.0)) / 3
+    assert objectness([torch.tensor([1.0, 0.6])]) == pytest.approx(soft, rel=1e-6)
+    assert objectness(None) == pytest.approx(hard, rel=1e-6)
+    assert objectness([torch.ones(2)]) == pytest.approx(hard, rel=1e-6)
 
 
 def test_sampling_keeps_256_at_most_half_positive():
@@ -336,13 +362,14 @@ def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_p
     assert both.exit_code == 2 and "--validation and --validation-set: choose one" in both.output
 
     run = runner.invoke(app, ["train", *common, "--teacher", str(teacher_model), "--work-dir", str(tmp_path / "work"),
-                              "--init", str(_small_checkpoint(tmp_path))])
+                              "--init", str(_small_checkpoint(tmp_path)), "--soft-targets"])
     assert run.exit_code == 0, run.output
     provenance = load_checkpoint(tmp_path / "work" / "final.safetensors", "cpu").spec.provenance
     assert provenance["training_images"] == 3  # 000.jpg is the validation set's
     assert provenance["validation_images"] == ["1"]
     assert provenance["partially_labelled_data"] == [str(folder / "instances.json")]
     assert provenance["validation"]["images"] == 1
+    assert provenance["config"]["soft_targets"] is True
     cache = json.loads((tmp_path / "work" / "teacher_detections.json").read_text())
     assert sorted(Path(key).name for key in cache["images"]) == ["001.jpg", "002.jpg", "003.jpg"]
 
