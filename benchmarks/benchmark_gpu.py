@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpn_cli import Proposer  # noqa: E402
-from rpn_cli.engine import Timings  # noqa: E402
-from rpn_cli.outputs import proposal_record  # noqa: E402
+from rpn_cli.inference.engine import Timings  # noqa: E402
+from rpn_cli.io.outputs import proposal_record  # noqa: E402
 
 COCO = ROOT.parent / "shared" / "data" / "coco-train2017" / "images"
 

@@ -18,8 +18,8 @@ from torchvision.ops import nms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from rpn_cli.model.nms import greedy_nms  # noqa: E402
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
-from rpn_cli.nms import greedy_nms  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "coco-train2017" / "images"
 
@@ -29,10 +29,10 @@ def _rpn_candidates(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     IoU threshold of 1 (nothing suppressed) and no post-NMS limit."""
     from dataclasses import replace
 
-    from rpn_cli.export import load_model
-    from rpn_cli.images import load_image
-    from rpn_cli.predict import proposals_for_batch
-    from rpn_cli.preprocess import prepare_image
+    from rpn_cli.inference.predict import proposals_for_batch
+    from rpn_cli.inference.runtime import load_model
+    from rpn_cli.io.images import load_image
+    from rpn_cli.model.preprocess import prepare_image
 
     model = load_model(DEFAULT_CHECKPOINT)
     settings = replace(model.spec.proposal_settings(), nms_iou=1.0, post_nms_top_n=10**9)

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
+
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "coco-train2017" / "images"
 
 
@@ -52,9 +53,9 @@ def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto"
     import torch
 
     from rpn_cli import Proposer
-    from rpn_cli.engine import Timings
-    from rpn_cli.inputs import expand_inputs
-    from rpn_cli.outputs import write_image_outputs
+    from rpn_cli.inference.engine import Timings
+    from rpn_cli.io.inputs import expand_inputs
+    from rpn_cli.io.outputs import write_image_outputs
 
     proposer = Proposer(checkpoint, device="cpu", backend=backend, precision=precision)  # defaults: as rpn propose
     items = expand_inputs([str(f) for f in files])
@@ -111,8 +112,9 @@ def _seed_state_dict(path: Path, weights: Path | None) -> None:
     its N(0, 0.01) init."""
     import torch
 
-    from rpn_cli.checkpoint import load_checkpoint
-    from rpn_cli.model import RegionProposalNetwork, seed_project_spec
+    from rpn_cli.io.checkpoint import load_checkpoint
+    from rpn_cli.model.network import RegionProposalNetwork
+    from rpn_cli.model.spec import seed_project_spec
 
     if weights is None:
         torch.manual_seed(0)
@@ -126,9 +128,9 @@ def _seed_state_dict(path: Path, weights: Path | None) -> None:
 
 def _check_seed_weights(path: Path) -> None:
     """Stop before any part runs unless ``path`` is a resnet50-c4 checkpoint in the seed project's conventions."""
-    from rpn_cli.checkpoint import read_spec
     from rpn_cli.errors import RpnError
-    from rpn_cli.model import seed_project_spec
+    from rpn_cli.io.checkpoint import read_spec
+    from rpn_cli.model.spec import seed_project_spec
 
     try:
         spec = read_spec(path)
@@ -268,7 +270,7 @@ def main() -> None:
                 runs.sort(key=lambda run: run["seconds"])
                 figures[name] = {**runs[len(runs) // 2], "runs_seconds": [round(run["seconds"], 2) for run in runs]}
         if "seed" not in skip:
-            from rpn_cli.checkpoint import convert_seed_project
+            from rpn_cli.io.converters import convert_seed_project
 
             seed_state, c4 = scratch / "seed.pth", scratch / "seed.safetensors"
             _seed_state_dict(seed_state, args.seed_weights)

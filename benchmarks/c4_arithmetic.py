@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from rpn_cli.checkpoint import save_checkpoint  # noqa: E402
-from rpn_cli.export import load_model  # noqa: E402
-from rpn_cli.model import RegionProposalNetwork, seed_project_spec  # noqa: E402
 from seed_reference import SeedHead, seed_extractor  # noqa: E402
+
+from rpn_cli.inference.runtime import load_model  # noqa: E402
+from rpn_cli.io.checkpoint import save_checkpoint  # noqa: E402
+from rpn_cli.model.network import RegionProposalNetwork
+from rpn_cli.model.spec import seed_project_spec  # noqa: E402
 
 
 def multiply_adds(modules: nn.Module, run, images: torch.Tensor) -> int:

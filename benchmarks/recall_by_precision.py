@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpn_cli import Proposer  # noqa: E402
-from rpn_cli.data import load_coco  # noqa: E402
-from rpn_cli.evaluate import average_recall_report, proposals_from_model  # noqa: E402
+from rpn_cli.evaluation.recall import average_recall_report, proposals_from_model  # noqa: E402
+from rpn_cli.io.datasets import load_coco  # noqa: E402
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 
 

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpn_cli import Proposer  # noqa: E402
-from rpn_cli.data import load_coco  # noqa: E402
-from rpn_cli.evaluate import average_recall_report, proposals_from_model  # noqa: E402
-from rpn_cli.images import load_image  # noqa: E402
+from rpn_cli.evaluation.recall import average_recall_report, proposals_from_model  # noqa: E402
+from rpn_cli.io.datasets import load_coco  # noqa: E402
+from rpn_cli.io.images import load_image  # noqa: E402
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -61,7 +61,7 @@ def main() -> None:
         rows[label] = (found, time.perf_counter() - started)
 
     if args.teacher.is_file():
-        from rpn_cli.teacher import YoloxTeacher
+        from rpn_cli.training.teacher import YoloxTeacher
 
         teacher, found = YoloxTeacher(args.teacher), {}
         started = time.perf_counter()

@@ -18,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rpn_cli.io.checkpoint import read_spec  # noqa: E402
+from rpn_cli.io.datasets import AnnotatedImage, load_coco  # noqa: E402
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
-from rpn_cli.checkpoint import read_spec  # noqa: E402
-from rpn_cli.data import AnnotatedImage, load_coco  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

@@ -11,21 +11,22 @@ The public API::
 ``Proposer`` is imported on first use, so ``import rpn_cli`` stays light (no PyTorch).
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["Proposer", "ImageProposals", "ImageResult", "RpnError", "__version__"]
 
 
 def __getattr__(name: str):
     if name == "Proposer":
-        from .proposer import Proposer
+        from .inference.proposer import Proposer
 
         return Proposer
     if name == "ImageProposals":
-        from .predict import ImageProposals
+        from .model.proposals import ImageProposals
 
         return ImageProposals
     if name == "ImageResult":
-        from .engine import ImageResult
+        from .io.results import ImageResult
 
         return ImageResult
     if name == "RpnError":

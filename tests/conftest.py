@@ -45,8 +45,9 @@ def small_checkpoint(tmp_path_factory):
     """A small untrained model: what the CLI's plumbing does cannot depend on what the weights learnt."""
     import torch
 
-    from rpn_cli.checkpoint import save_checkpoint
-    from rpn_cli.model import RegionProposalNetwork, default_mobilenet_spec
+    from rpn_cli.io.checkpoint import save_checkpoint
+    from rpn_cli.model.network import RegionProposalNetwork
+    from rpn_cli.model.spec import default_mobilenet_spec
 
     torch.manual_seed(0)
     model = RegionProposalNetwork(default_mobilenet_spec(shorter_side=256, max_size=427))

@@ -5,9 +5,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import SAMPLES
+from PIL import Image
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

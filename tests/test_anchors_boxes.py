@@ -5,11 +5,28 @@ import math
 import numpy as np
 import pytest
 import torch
+from seed_reference import (
+    SEED_PRINTED_ANCHOR_BASE,
+    enumerate_shifted_anchor,
+    generate_anchor_base,
+    loc2bbox,
+)
 
-from rpn_cli.anchors import anchor_shapes, cached_grid_anchors, describe_anchor_shapes, grid_anchors, seed_project_anchor_shapes
-from rpn_cli.boxes import DEFAULT_DELTA_CLAMP, clip_boxes, decode_deltas, encode_boxes, scale_boxes, valid_box_mask
-
-from seed_reference import SEED_PRINTED_ANCHOR_BASE, enumerate_shifted_anchor, generate_anchor_base, loc2bbox
+from rpn_cli.model.anchors import (
+    anchor_shapes,
+    cached_grid_anchors,
+    describe_anchor_shapes,
+    grid_anchors,
+    seed_project_anchor_shapes,
+)
+from rpn_cli.model.boxes import (
+    DEFAULT_DELTA_CLAMP,
+    clip_boxes,
+    decode_deltas,
+    encode_boxes,
+    scale_boxes,
+    valid_box_mask,
+)
 
 
 def test_seed_reference_reproduces_the_printed_anchor_base():

@@ -6,22 +6,22 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLES
 from torchvision.models import mobilenet_v2
 from torchvision.ops import FeaturePyramidNetwork
 
-from rpn_cli.backbones import build_backbone, load_imagenet_weights
-from rpn_cli.images import load_image
-from rpn_cli.mobilenet import FeaturePyramid, mobilenet_v2_features
-from rpn_cli.model import (
-    RegionProposalNetwork,
+from rpn_cli.io.converters import load_imagenet_weights
+from rpn_cli.io.images import load_image
+from rpn_cli.model.backbones import build_backbone
+from rpn_cli.model.folding import fold_batchnorm
+from rpn_cli.model.mobilenet import FeaturePyramid, mobilenet_v2_features
+from rpn_cli.model.network import RegionProposalNetwork
+from rpn_cli.model.preprocess import prepare_image
+from rpn_cli.model.spec import (
     default_mobilenet_spec,
-    fold_batchnorm,
     imagenet_preprocess,
     seed_project_spec,
 )
-from rpn_cli.preprocess import prepare_image
-
-from conftest import ROOT, SAMPLES
 
 
 def _photo() -> torch.Tensor:

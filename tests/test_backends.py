@@ -5,11 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from rpn_cli import backends
-from rpn_cli.errors import UsageError
-
 from conftest import SAMPLES
+
+from rpn_cli.inference import backends
+from rpn_cli.errors import UsageError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 OURS, EXPORTED = Path("model.safetensors"), Path("model.onnx")
@@ -67,8 +66,8 @@ def test_onnxruntime_gives_pytorchs_proposals_and_builds_once(small_checkpoint, 
 
 def test_auto_falls_back_to_pytorch_when_the_export_cannot_be_built(small_checkpoint, monkeypatch, tmp_path):
     from rpn_cli.errors import RpnError
-    from rpn_cli.export import load_model
-    from rpn_cli.model import RegionProposalNetwork
+    from rpn_cli.inference.runtime import load_model
+    from rpn_cli.model.network import RegionProposalNetwork
 
     monkeypatch.setattr(backends, "cpu_has_bfloat16", lambda: False)
     monkeypatch.setattr(backends, "onnxruntime_available", lambda: True)

@@ -5,18 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES
 from PIL import Image
+from seed_reference import SeedHead, seed_extractor, seed_rpn_proposals
 from torch import nn
 
-from rpn_cli.backbones import SingleLevelBackbone, register_backbone
-from rpn_cli.checkpoint import convert_seed_project, load_checkpoint, read_spec, save_checkpoint
 from rpn_cli.errors import CheckpointError
-from rpn_cli.model import ModelSpec, RegionProposalNetwork, default_mobilenet_spec
-from rpn_cli.predict import proposals_for_batch
-from rpn_cli.preprocess import prepare_image, resized_size
-
-from conftest import SAMPLES
-from seed_reference import SeedHead, seed_extractor, seed_rpn_proposals
+from rpn_cli.inference.predict import proposals_for_batch
+from rpn_cli.io.checkpoint import load_checkpoint, read_spec, save_checkpoint
+from rpn_cli.io.converters import convert_seed_project
+from rpn_cli.model.backbones import SingleLevelBackbone, register_backbone
+from rpn_cli.model.network import RegionProposalNetwork
+from rpn_cli.model.preprocess import prepare_image, resized_size
+from rpn_cli.model.spec import ModelSpec, default_mobilenet_spec
 
 
 def test_save_and_load_round_trip(tmp_path):

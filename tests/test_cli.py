@@ -1,26 +1,25 @@
 """The command line, through Typer's runner and as a subprocess, on real files."""
 
 import json
-from pathlib import Path
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SAMPLES, run_rpn, run_rpn_process
+from images_for_tests import write_test_images
 from PIL import Image
+from seed_reference import SEED_PRINTED_ANCHOR_BASE
 from typer.testing import CliRunner
 
 from rpn_cli import cli
-from rpn_cli.checkpoint import load_checkpoint
-from rpn_cli.images import load_image
-from rpn_cli.model import parameter_count
-from rpn_cli.predict import proposals_for_batch
-from rpn_cli.preprocess import prepare_image
-
-from conftest import ROOT, SAMPLES, run_rpn, run_rpn_process
-from images_for_tests import write_test_images
-from seed_reference import SEED_PRINTED_ANCHOR_BASE
+from rpn_cli.inference.predict import proposals_for_batch
+from rpn_cli.io.checkpoint import load_checkpoint
+from rpn_cli.io.images import load_image
+from rpn_cli.model.network import parameter_count
+from rpn_cli.model.preprocess import prepare_image
 
 runner = CliRunner()
 SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
@@ -127,7 +126,9 @@ def test_checkpoint_errors_are_one_line(tmp_path):
 
 
 def test_no_default_checkpoint_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "DEFAULT_CHECKPOINT", tmp_path / "absent.safetensors")
+    from rpn_cli.cli import base
+
+    monkeypatch.setattr(base, "DEFAULT_CHECKPOINT", tmp_path / "absent.safetensors")
     result = runner.invoke(cli.app, ["propose", str(SAMPLE_FILES[0])])
     assert result.exit_code == 2 and "no default checkpoint" in result.output
 
@@ -240,7 +241,7 @@ def test_the_rpn_script_and_python_m_rpn_cli_behave_the_same():
 
 
 def test_overlay_colours_by_rank_and_a_contact_sheet(checkpoint, tmp_path, capsys):
-    from rpn_cli.visualize import RANK_COLOURS
+    from rpn_cli.io.visualize import RANK_COLOURS
 
     out, sheet = tmp_path / "out", tmp_path / "sheet.png"
     status = cli.app.run(["propose", *map(str, SAMPLE_FILES), "-c", str(checkpoint), "-q", "--out", str(out),

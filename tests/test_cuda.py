@@ -4,7 +4,6 @@ precision's recall, flat memory, and pinned host memory for the copies. benchmar
 import numpy as np
 import pytest
 import torch
-
 from conftest import SAMPLES
 
 pytestmark = [pytest.mark.cuda,
@@ -34,8 +33,8 @@ def test_gpu_float32_records_equal_the_cpus(default_checkpoint):
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
 def test_reduced_precision_keeps_average_recall(default_checkpoint, coco_dir, precision):
     from rpn_cli import Proposer
-    from rpn_cli.data import load_coco
-    from rpn_cli.evaluate import average_recall_report, proposals_from_model
+    from rpn_cli.evaluation.recall import average_recall_report, proposals_from_model
+    from rpn_cli.io.datasets import load_coco
 
     images = load_coco(coco_dir / "instances.json")[:100]
     full = average_recall_report(images, proposals_from_model(

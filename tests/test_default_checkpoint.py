@@ -4,16 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLES
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
 from rpn_cli import cli
-from rpn_cli.checkpoint import load_checkpoint
-from rpn_cli.images import load_image
-from rpn_cli.predict import proposals_for_batch
-from rpn_cli.preprocess import prepare_image
-
-from conftest import ROOT, SAMPLES
+from rpn_cli.inference.predict import proposals_for_batch
+from rpn_cli.io.checkpoint import load_checkpoint
+from rpn_cli.io.images import load_image
+from rpn_cli.model.preprocess import prepare_image
 
 # Boxes drawn by hand on the samples, (x1, y1, x2, y2) in their pixels.
 HAND_MADE = {

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rpn_cli import cli
-from rpn_cli.data import load_coco
-from rpn_cli.evaluate import average_recall_report, recall_table
+from rpn_cli.evaluation.recall import average_recall_report, recall_table
+from rpn_cli.io.datasets import load_coco
 
 pycocotools = pytest.importorskip("pycocotools", reason="pycocotools is in the test extra")
 from pycocotools.coco import COCO  # noqa: E402

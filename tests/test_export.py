@@ -5,18 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES, run_rpn
 from torchvision.models import detection
 from typer.testing import CliRunner
 
 from rpn_cli import cli
-from rpn_cli.checkpoint import convert_torchvision, save_checkpoint
 from rpn_cli.errors import CheckpointError
-from rpn_cli.export import load_model
-from rpn_cli.images import load_image
-from rpn_cli.model import RegionProposalNetwork, seed_project_spec
-from rpn_cli.preprocess import pad_batch, prepare_image
-
-from conftest import SAMPLES, run_rpn
+from rpn_cli.inference.runtime import load_model
+from rpn_cli.io.checkpoint import save_checkpoint
+from rpn_cli.io.converters import convert_torchvision
+from rpn_cli.io.images import load_image
+from rpn_cli.model.network import RegionProposalNetwork
+from rpn_cli.model.preprocess import pad_batch, prepare_image
+from rpn_cli.model.spec import seed_project_spec
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the onnx extra")
 pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (onnx extra)")

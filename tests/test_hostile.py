@@ -12,15 +12,14 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLES
+from hostile_files import write_code_running_torchscript
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rpn_cli import cli
-from rpn_cli.checkpoint import METADATA_KEY
-
-from conftest import ROOT, SAMPLES
-from hostile_files import write_code_running_torchscript
+from rpn_cli.io.checkpoint import METADATA_KEY
 
 SAMPLE = SAMPLES / "chelsea.jpg"
 

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
+from images_for_tests import write_test_images
 from PIL import Image
 
 from rpn_cli.errors import ImageError
-from rpn_cli.images import load_image
-from rpn_cli.inputs import expand_inputs
-
-from images_for_tests import write_test_images
+from rpn_cli.io.images import load_image
+from rpn_cli.io.inputs import expand_inputs
 
 
 @pytest.fixture(scope="module")

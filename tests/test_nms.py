@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from torchvision.ops import nms
 
-from rpn_cli.nms import greedy_nms
-
-from conftest import ROOT
+from rpn_cli.model.nms import greedy_nms
 
 
 def _random_boxes(generator, count, spread=600.0, size=200.0):
@@ -83,7 +82,7 @@ def test_torchvision_operators_load_without_importing_the_package(tmp_path):
     boxes, scores = _clustered_boxes(generator, 2000), torch.rand(2000, generator=generator)
     torch.save({"boxes": boxes, "scores": scores}, tmp_path / "boxes.pt")
     script = ("import sys, torch\n"
-              "from rpn_cli.nms import greedy_nms\n"
+              "from rpn_cli.model.nms import greedy_nms\n"
               f"data = torch.load({str(tmp_path / 'boxes.pt')!r})\n"
               "print(greedy_nms(data['boxes'], data['scores'], 0.5, 100, window=64).tolist())\n"
               "print(sorted(name for name in sys.modules if name.split('.')[0] == 'torchvision'))\n")

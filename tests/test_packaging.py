@@ -2,9 +2,9 @@
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 
+import tomllib
 from conftest import DEFAULT_CHECKPOINT, ROOT
 
 

@@ -6,9 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, SAMPLES
+from PIL import Image
 
 PEAK_SCRIPT = """
 import resource, subprocess, sys
@@ -44,7 +43,7 @@ def test_memory_stays_flat_over_thousands_of_images(tmp_path, small_checkpoint):
 def test_decode_workers_take_the_cores_the_network_leaves(monkeypatch):
     import torch
 
-    from rpn_cli.devices import default_decode_workers
+    from rpn_cli.inference.devices import default_decode_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
@@ -59,15 +58,15 @@ def test_decode_workers_take_the_cores_the_network_leaves(monkeypatch):
 
 
 def _inputs(paths):
-    from rpn_cli.inputs import expand_inputs
+    from rpn_cli.io.inputs import expand_inputs
 
     return expand_inputs([str(path) for path in paths], False, None)
 
 
 def test_decode_ahead_hands_over_what_load_image_gives(tmp_path):
     from rpn_cli.errors import ImageError
-    from rpn_cli.images import load_image
-    from rpn_cli.prefetch import DecodeAhead
+    from rpn_cli.inference.prefetch import DecodeAhead
+    from rpn_cli.io.images import load_image
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
@@ -87,7 +86,7 @@ def test_decode_ahead_hands_over_what_load_image_gives(tmp_path):
 
 
 def test_decode_ahead_stops_at_its_pixel_budget():
-    from rpn_cli.prefetch import DecodeAhead
+    from rpn_cli.inference.prefetch import DecodeAhead
 
     items = _inputs(sorted(SAMPLES.glob("*.jpg")))
     ahead = DecodeAhead(items, pixel_budget=1)
@@ -101,7 +100,7 @@ def test_decode_ahead_stops_at_its_pixel_budget():
 
 def test_an_image_not_yet_decoded_ahead_is_handed_back_at_once(tmp_path):
     """Several decoding threads must not queue behind the one thread decoding ahead."""
-    from rpn_cli.prefetch import DecodeAhead
+    from rpn_cli.inference.prefetch import DecodeAhead
 
     for index in range(40):
         (tmp_path / f"{index:02d}.jpg").write_bytes((SAMPLES / "astronaut.jpg").read_bytes())
@@ -116,9 +115,9 @@ def test_an_image_not_yet_decoded_ahead_is_handed_back_at_once(tmp_path):
 def test_the_engine_gives_the_same_proposals_with_images_decoded_ahead(small_checkpoint):
     import torch
 
-    from rpn_cli.engine import propose_images
-    from rpn_cli.export import load_model
-    from rpn_cli.prefetch import DecodeAhead
+    from rpn_cli.inference.engine import propose_images
+    from rpn_cli.inference.prefetch import DecodeAhead
+    from rpn_cli.inference.runtime import load_model
 
     model = load_model(small_checkpoint, "cpu")
     settings = model.spec.proposal_settings()
@@ -136,7 +135,7 @@ def test_the_engine_gives_the_same_proposals_with_images_decoded_ahead(small_che
 
 
 def test_decoding_ahead_does_not_import_torch():
-    code = "import sys, rpn_cli.prefetch, rpn_cli.inputs; print('torch' in sys.modules)"
+    code = "import sys, rpn_cli.inference.prefetch, rpn_cli.io.inputs; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.stdout.strip() == "False"
@@ -149,8 +148,8 @@ def test_batching_changes_speed_not_answers(small_checkpoint, tmp_path, precisio
 
     import torch
 
-    from rpn_cli.engine import propose_images
-    from rpn_cli.export import load_model
+    from rpn_cli.inference.engine import propose_images
+    from rpn_cli.inference.runtime import load_model
 
     order = ["chelsea", "chelsea", "astronaut", "coffee", "coffee", "coffee", "chelsea", "rocket", "rocket"]
     paths = []

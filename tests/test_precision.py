@@ -2,16 +2,15 @@
 
 import pytest
 import torch
+from conftest import SAMPLES
 from torchvision.ops import box_iou
 
-from rpn_cli.devices import resolve_precision
 from rpn_cli.errors import UsageError
-from rpn_cli.export import load_model
-from rpn_cli.images import load_image
-from rpn_cli.predict import proposals_for_batch
-from rpn_cli.preprocess import prepare_image
-
-from conftest import SAMPLES
+from rpn_cli.inference.devices import resolve_precision
+from rpn_cli.inference.predict import proposals_for_batch
+from rpn_cli.inference.runtime import load_model
+from rpn_cli.io.images import load_image
+from rpn_cli.model.preprocess import prepare_image
 
 
 def test_bfloat16_proposals_stay_close_to_float32(default_checkpoint):

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from seed_reference import (
+    enumerate_shifted_anchor,
+    generate_anchor_base,
+    seed_proposal_layer,
+)
 
-from rpn_cli.anchors import grid_anchors, seed_project_anchor_shapes
-from rpn_cli.proposals import ProposalSettings, proposals_for_image
-
-from seed_reference import enumerate_shifted_anchor, generate_anchor_base, seed_proposal_layer
+from rpn_cli.model.anchors import grid_anchors, seed_project_anchor_shapes
+from rpn_cli.model.proposals import ProposalSettings, proposals_for_image
 
 
 def _random_head_output(seed, height, width, anchors=9, spread=0.3):

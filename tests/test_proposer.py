@@ -5,14 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES
 from PIL import Image
 
 import rpn_cli
 from rpn_cli import cli
 from rpn_cli.errors import UsageError
-from rpn_cli.outputs import proposal_record
-
-from conftest import SAMPLES
+from rpn_cli.io.outputs import proposal_record
 
 SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
 

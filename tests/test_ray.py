@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, SAMPLES, run_rpn
 
 pytest.importorskip("ray.data", reason="Ray is the optional ray extra")

@@ -5,10 +5,9 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import SAMPLES
 
 from rpn_cli import cli
-
-from conftest import SAMPLES
 
 SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
 IDS = {path.name: 100 + number for number, path in enumerate(SAMPLE_FILES)}

@@ -2,21 +2,21 @@
 
 import pytest
 import torch
+from conftest import SAMPLES
 from PIL import Image
 from torchvision.models import detection
 from torchvision.transforms.functional import to_tensor
 from typer.testing import CliRunner
 
 from rpn_cli import cli
-from rpn_cli.backbones import TORCHVISION_ARCHS
-from rpn_cli.checkpoint import convert_torchvision, load_checkpoint
 from rpn_cli.errors import CheckpointError
-from rpn_cli.export import load_model
-from rpn_cli.model import fold_batchnorm
-from rpn_cli.predict import proposals_for_batch
-from rpn_cli.preprocess import prepare_image
-
-from conftest import SAMPLES
+from rpn_cli.inference.predict import proposals_for_batch
+from rpn_cli.inference.runtime import load_model
+from rpn_cli.io.checkpoint import load_checkpoint
+from rpn_cli.io.converters import convert_torchvision
+from rpn_cli.model.backbones import TORCHVISION_ARCHS
+from rpn_cli.model.folding import fold_batchnorm
+from rpn_cli.model.preprocess import prepare_image
 
 # A square photo and a landscape one; the second is also turned to portrait.
 IMAGES = ["astronaut.jpg", "rocket.jpg"]

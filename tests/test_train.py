@@ -8,12 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
-from rpn_cli.data import load_coco, load_dataset, load_voc, split_validation
 from rpn_cli.errors import DataError
-from rpn_cli.model import RegionProposalNetwork, default_mobilenet_spec
-from rpn_cli.preprocess import to_tensor
-from rpn_cli.targets import IGNORE, NEGATIVE, POSITIVE, TargetSettings, label_anchors, rpn_losses, sample_labels
-from rpn_cli.train import TrainConfig, train
+from rpn_cli.io.datasets import load_coco, load_dataset, load_voc, split_validation
+from rpn_cli.model.network import RegionProposalNetwork
+from rpn_cli.model.preprocess import to_tensor
+from rpn_cli.model.spec import default_mobilenet_spec
+from rpn_cli.training.loop import TrainConfig, train
+from rpn_cli.training.targets import (
+    IGNORE,
+    NEGATIVE,
+    POSITIVE,
+    TargetSettings,
+    label_anchors,
+    rpn_losses,
+    sample_labels,
+)
 
 SETTINGS = TargetSettings()
 
@@ -62,7 +71,7 @@ def test_negatives_on_an_ignore_region_are_ignored():
 
 
 def test_partial_labels_merge_human_and_teacher_boxes():
-    from rpn_cli.teacher import partial_label_targets
+    from rpn_cli.training.teacher import partial_label_targets
 
     person, dog = 1, 18
     humans = np.array([[10, 10, 50, 90], [100, 10, 140, 90]], np.float32)
@@ -90,7 +99,7 @@ def test_partial_labels_merge_human_and_teacher_boxes():
 
 
 def test_soft_targets_train_a_teacher_box_towards_its_objectness():
-    from rpn_cli.model import LevelOutput
+    from rpn_cli.model.network import LevelOutput
 
     # Two boxes, each exactly on one anchor: a human box (confidence 1) and a teacher box (0.6).
     anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [64.0, 64.0, 96.0, 96.0], [0.0, 64.0, 32.0, 96.0]])
@@ -215,7 +224,7 @@ def test_train_writes_a_checkpoint_and_resumes(tmp_path):
     report = train(config, _small_spec(), torch.device("cpu"), events.append)
     assert any(e.kind == "warning" and "resumed" in e.message for e in events)
     assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
-    from rpn_cli.checkpoint import read_spec
+    from rpn_cli.io.checkpoint import read_spec
 
     provenance = read_spec(work / "final.safetensors").provenance
     assert provenance["command"] == "test" and len(provenance["history"]) == 2
@@ -231,7 +240,7 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
                          batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, command="second run",
                          init_checkpoint=str(tmp_path / "first" / "final.safetensors"))
     train(second, _small_spec(), torch.device("cpu"))
-    from rpn_cli.checkpoint import read_spec
+    from rpn_cli.io.checkpoint import read_spec
 
     provenance = read_spec(tmp_path / "second" / "final.safetensors").provenance
     assert provenance["command"] == "second run"
@@ -244,8 +253,8 @@ def test_teacher_finds_the_objects_of_a_real_photo(coco_dir, teacher_model):
     pytest.importorskip("onnxruntime")
     from torchvision.ops import box_iou
 
-    from rpn_cli.images import load_image
-    from rpn_cli.teacher import YoloxTeacher, merge_teacher_boxes
+    from rpn_cli.io.images import load_image
+    from rpn_cli.training.teacher import YoloxTeacher, merge_teacher_boxes
 
     image = load_coco(coco_dir / "instances.json")[0]
     boxes, scores = YoloxTeacher(teacher_model).boxes(load_image(image.path), 0.3)
@@ -294,10 +303,10 @@ def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path):
 
 def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_path):
     from torchvision.models import resnet50
-
-    from rpn_cli.checkpoint import load_checkpoint
-    from rpn_cli.cli import app
     from typer.testing import CliRunner
+
+    from rpn_cli.cli import app
+    from rpn_cli.io.checkpoint import load_checkpoint
 
     folder = _synthetic_dataset(tmp_path / "data", count=3, size=(96, 80))
     torch.manual_seed(3)
@@ -347,8 +356,8 @@ def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_p
     pytest.importorskip("onnxruntime")
     from typer.testing import CliRunner
 
-    from rpn_cli.checkpoint import load_checkpoint
     from rpn_cli.cli import app
+    from rpn_cli.io.checkpoint import load_checkpoint
 
     folder = _synthetic_dataset(tmp_path / "data")
     held_out = _synthetic_dataset(tmp_path / "held-out", count=1)  # 000.jpg: the same photo name as in data
@@ -375,7 +384,7 @@ def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_p
 
 
 def _small_checkpoint(tmp_path):
-    from rpn_cli.checkpoint import save_checkpoint
+    from rpn_cli.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     path = tmp_path / "small.safetensors"

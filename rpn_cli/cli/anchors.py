@@ -1,0 +1,76 @@
+"""`rpn anchors`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import RpnError, UsageError
+from .base import (
+    app,
+    err,
+    fail,
+    parse_floats,
+)
+
+
+@app.command()
+def anchors(
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Show this checkpoint's anchors (else --ratios/--scales/--stride).")] = None,
+    ratios: Annotated[str, typer.Option(help="Height/width ratios, comma-separated.")] = "0.5,1,2",
+    scales: Annotated[str, typer.Option(help="Scales of the base size, comma-separated.")] = "8,16,32",
+    stride: Annotated[int, typer.Option(min=1, help="Feature stride, also the base size.")] = 16,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Draw the anchor grid over this image (resized as the checkpoint would).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a PNG of the anchors here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+) -> None:
+    """Print the anchor table (width, height, ratio of each anchor) and draw the anchors."""
+    import torch
+    from PIL import Image
+    from rich.table import Table
+
+    from ..io.checkpoint import read_spec
+    from ..io.images import load_image
+    from ..io.outputs import save_png
+    from ..io.visualize import draw_anchors
+    from ..model.anchors import anchor_shapes, describe_anchor_shapes
+    from ..model.preprocess import resize_image
+
+    try:
+        if checkpoint is not None:
+            spec = read_spec(checkpoint)
+            levels, offset, preprocess = spec.levels, spec.anchor_offset, spec.preprocess
+        else:
+            ratio_values, scale_values = parse_floats(ratios, "--ratios"), parse_floats(scales, "--scales")
+            shapes = anchor_shapes(stride, ratio_values, scale_values)
+            if not torch.isfinite(shapes).all() or (shapes[:, 2:] - shapes[:, :2]).min() <= 0:
+                raise UsageError(f"--stride {stride} --ratios {ratios} --scales {scales}: anchors too large or "
+                                 "too thin to represent")
+            levels, offset, preprocess = [{"stride": stride, "anchors": shapes.tolist()}], 0.0, None
+        rows = []
+        for number, level in enumerate(levels):
+            for row in describe_anchor_shapes(torch.tensor(level["anchors"])):
+                rows.append({"level": number, "stride": level["stride"], **row})
+        if as_json:
+            typer.echo(json.dumps(rows))
+        else:
+            table = Table("level", "stride", "anchor", "width", "height", "h/w", "x1, y1, x2, y2")
+            for row in rows:
+                table.add_row(str(row["level"]), str(row["stride"]), str(row["index"]), f"{row['width']:.1f}",
+                              f"{row['height']:.1f}", f"{row['ratio']:.2f}", ", ".join(f"{v:.2f}" for v in row["box"]))
+            Console(highlight=False).print(table)
+        if out is not None:
+            if image is not None:
+                canvas = load_image(image)
+                if preprocess is not None:
+                    canvas = resize_image(canvas, preprocess)
+            else:
+                canvas = Image.new("RGB", (800, 600), (40, 40, 40))
+            save_png(draw_anchors(levels, canvas, offset), out)
+            err.print(f"wrote {out}", markup=False, highlight=False)
+    except RpnError as error:
+        fail(error)

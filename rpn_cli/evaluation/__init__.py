@@ -1,0 +1,1 @@
+"""Scoring proposals against ground truth: average recall as COCO computes it."""

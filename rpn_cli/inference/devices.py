@@ -1,0 +1,53 @@
+"""The one place that decides which device the model runs on, and what runs beside it."""
+
+import os
+
+import torch
+
+from ..errors import UsageError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map ``auto|cpu|cuda[:N]`` to a torch device; ``auto`` takes CUDA when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        return torch.device(name)
+    raise UsageError(f"--device {name}: expected one of {', '.join(DEVICE_CHOICES)}")
+
+
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The network's precision: ``auto`` is bfloat16 on CPUs with native bfloat16 (AVX512-BF16/AMX),
+    float16 on CUDA, float32 elsewhere. Decoding and NMS always run in float32."""
+    if name not in PRECISION_CHOICES:
+        raise UsageError(f"--precision {name}: expected one of {', '.join(PRECISION_CHOICES)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "float16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
+PRECISION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_decode_workers(device: torch.device) -> int:
+    """Threads decoding images beside the model: the cores the network leaves free.
+
+    On a CPU the network's own threads take every core, and decoding threads beside them
+    only contend (measured on 2 cores: 81 ms an image with 2 threads, 62 ms with none,
+    ``benchmarks/benchmark_propose.py``); on CUDA the host cores are free to decode.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return min(4, cores)
+    return min(4, max(0, cores - torch.get_num_threads()))

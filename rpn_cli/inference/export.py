@@ -1,0 +1,85 @@
+"""Exporting the network to ONNX or TorchScript."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from ..io.checkpoint import METADATA_KEY, load_checkpoint
+from ..io.files import atomic_write_bytes
+from ..model.network import RegionProposalNetwork
+from ..model.spec import ModelSpec
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+
+class _RawOutputs(torch.nn.Module):
+    """The network with a flat tuple of outputs, as exporters want it."""
+
+    def __init__(self, model: RegionProposalNetwork):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return tuple(self.model.raw_outputs(images))
+
+
+
+def _output_names(spec: ModelSpec) -> list[str]:
+    names = []
+    for index in range(len(spec.levels)):
+        names.extend((f"objectness_{index}", f"deltas_{index}"))
+    return names
+
+
+
+def _example_input(spec: ModelSpec) -> torch.Tensor:
+    size = int(spec.preprocess.get("size", 512))
+    return torch.zeros(1, 3, size, size + size // 3)
+
+
+
+def export_model(checkpoint: str | Path, destination: str | Path, export_format: str) -> None:
+    """Write the checkpoint's network to ONNX (dynamic batch and image size) or TorchScript."""
+    if export_format not in EXPORT_FORMATS:
+        raise UsageError(f"--format {export_format}: choose from {', '.join(EXPORT_FORMATS)}")
+    model = load_checkpoint(checkpoint, "cpu")
+    wrapper = _RawOutputs(model).eval()
+    example = _example_input(model.spec)
+    description = json.dumps(model.spec.to_dict(), sort_keys=True)
+    destination = Path(destination)
+    if export_format == "onnx":
+        _export_onnx(wrapper, model.spec, example, description, destination)
+    else:
+        with torch.no_grad(), warnings.catch_warnings():  # PyTorch's deprecation notice: our help says it
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(wrapper, example, check_trace=False)
+            atomic_write_bytes(destination,
+                               lambda tmp: torch.jit.save(traced, tmp, _extra_files={METADATA_KEY: description}))
+
+
+
+def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destination: Path) -> None:
+    try:
+        import onnx
+    except ImportError as error:
+        raise UsageError('ONNX export needs the onnx extra: pip install "rpn-cli[onnx]"') from error
+    batch, height, width = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
+
+    def write(tmp: str) -> None:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (example,), input_names=["images"], output_names=_output_names(spec),
+                dynamic_shapes={"images": {0: batch, 2: height, 3: width}}, dynamo=True, verbose=False,
+            )
+        proto = program.model_proto
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, description
+        onnx.save(proto, tmp)
+
+    atomic_write_bytes(destination, write)

@@ -1,0 +1,72 @@
+"""Running a model on prepared images: the library API behind ``rpn propose`` and ``rpn eval``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..model.boxes import scale_boxes
+from ..model.network import LevelOutput, RegionProposalNetwork, objectness
+from ..model.preprocess import PreparedImage, pad_batch
+from ..model.proposals import ImageProposals, ProposalSettings, proposals_for_image
+
+
+def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> list[LevelOutput]:
+    """The network's per-level outputs for a batch of prepared images (padded together)."""
+    device = model.device
+    size_divisible = int(model.spec.preprocess.get("size_divisible", 1))
+    batch = pad_batch([image.tensor for image in images], size_divisible)
+    if device.type == "cuda":
+        # Page-locked memory lets the copy run asynchronously with the host's next work.
+        batch = batch.pin_memory()
+    batch = batch.to(device, model.dtype, non_blocking=True)
+    if model.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return model(batch)
+
+
+def proposals_from_outputs(
+    model: RegionProposalNetwork,
+    levels: list[LevelOutput],
+    images: Sequence[PreparedImage],
+    settings: ProposalSettings,
+    top_k: int | None = None,
+) -> list[ImageProposals]:
+    """The proposal layer on each image of a batch, with that image's own size, mapped to original pixels."""
+    results = []
+    with torch.inference_mode():
+        for index, image in enumerate(images):
+            width, height = image.resized_size
+            sigmoid = model.spec.score == "sigmoid"
+            boxes, scores = proposals_for_image(
+                [level.logits[index].float() if sigmoid else objectness(level.logits[index], model.spec.score)
+                 for level in levels],
+                [level.deltas[index] for level in levels],
+                [level.anchors for level in levels],
+                height,
+                width,
+                settings,
+                model.spec.box_weights,
+                model.spec.delta_clamp,
+                scores_are_logits=sigmoid,
+            )
+            if top_k is not None:
+                boxes, scores = boxes[:top_k], scores[:top_k]
+            boxes = scale_boxes(boxes, image.scale_x, image.scale_y)
+            original_width, original_height = image.original_size
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original_width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original_height)
+            results.append(ImageProposals(boxes.cpu(), scores.cpu(), original_width, original_height))
+    return results
+
+
+def proposals_for_batch(
+    model: RegionProposalNetwork,
+    images: Sequence[PreparedImage],
+    settings: ProposalSettings,
+    top_k: int | None = None,
+) -> list[ImageProposals]:
+    """Proposals for a batch of prepared images (limits applied per image)."""
+    return proposals_from_outputs(model, run_model(model, images), images, settings, top_k)

@@ -1,0 +1,149 @@
+"""The proposal layer: from per-anchor scores and deltas to a ranked, NMS-ed set of boxes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
+
+import torch
+
+from ..errors import UsageError
+from .boxes import DEFAULT_DELTA_CLAMP, clip_boxes, decode_deltas, valid_box_mask
+from .nms import greedy_nms
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """Limits of the proposal layer. Test mode by default; :meth:`training` gives the seed's 12000 / 600."""
+
+    pre_nms_top_n: int = 3000
+    post_nms_top_n: int = 300
+    nms_iou: float = 0.7
+    min_size: float = 16.0
+    min_score: float = 0.0
+    nms_per_level: bool = False
+    top_n_before_filtering: bool = False
+
+    @classmethod
+    def training(cls, **overrides) -> "ProposalSettings":
+        return replace(cls(pre_nms_top_n=12000, post_nms_top_n=600), **overrides)
+
+    def validated(self) -> "ProposalSettings":
+        if self.pre_nms_top_n < 1 or self.post_nms_top_n < 1:
+            raise UsageError("pre-NMS and post-NMS limits must be at least 1")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise UsageError(f"NMS IoU must be in (0, 1], got {self.nms_iou}")
+        if self.min_size < 0:
+            raise UsageError(f"min size must be >= 0, got {self.min_size}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise UsageError(f"min score must be in [0, 1], got {self.min_score}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def proposals_for_image(
+    scores: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    image_height: int,
+    image_width: int,
+    settings: ProposalSettings = ProposalSettings(),
+    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    delta_clamp: float = DEFAULT_DELTA_CLAMP,
+    scores_are_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposals of one image from its per-level outputs.
+
+    scores[l]: (M_l,) objectness probabilities, or sigmoid logits when
+    ``scores_are_logits`` (ranked as logits, which keeps apart what float32
+    probabilities would tie, as torchvision does; returned as probabilities);
+    deltas[l]: (M_l, 4); anchors[l]: (M_l, 4), all in the resized image's
+    pixels, whose size is ``image_height x image_width``.
+
+    Per level: decode (float32, dw/dh clamped), clip to the image, drop
+    non-finite boxes and boxes under ``min_size``, keep the top
+    ``pre_nms_top_n`` by score (the seed's order; with ``top_n_before_filtering``
+    the top ``pre_nms_top_n`` are taken first, as torchvision does). Then one NMS
+    (across levels, or per level when ``nms_per_level``) and the top
+    ``post_nms_top_n``. Returns boxes (K, 4) and scores (K,), float32, sorted by
+    score high to low; K may be 0.
+    """
+    if settings.top_n_before_filtering:
+        boxes, score, level_ids = _top_n_then_filter(scores, deltas, anchors, image_height, image_width, settings,
+                                                     box_weights, delta_clamp, scores_are_logits)
+    else:
+        boxes, score, level_ids = _filter_then_top_n(scores, deltas, anchors, image_height, image_width, settings,
+                                                     box_weights, delta_clamp, scores_are_logits)
+    if boxes.shape[0] == 0:
+        return boxes.reshape(0, 4), score
+    if settings.nms_per_level:
+        keep = _torchvision_ops().batched_nms(boxes, score, level_ids, settings.nms_iou)[: settings.post_nms_top_n]
+    else:
+        keep = greedy_nms(boxes, score, settings.nms_iou, settings.post_nms_top_n)
+    return boxes[keep], score[keep]
+
+
+def _torchvision_ops():
+    # Imported where needed only: importing torchvision costs a second of start-up (see mobilenet.py).
+    from torchvision import ops
+
+    return ops
+
+
+def _filter_then_top_n(scores, deltas, anchors, image_height, image_width, settings, box_weights, delta_clamp,
+                       scores_are_logits):
+    """The seed's order, per level: decode, clip, drop small and non-finite boxes, then the top n."""
+    level_boxes, level_scores, level_ids = [], [], []
+    for level, (level_score, level_delta, level_anchor) in enumerate(zip(scores, deltas, anchors)):
+        level_score = level_score.to(torch.float32)
+        boxes = clip_boxes(decode_deltas(level_anchor, level_delta, box_weights, delta_clamp), image_height, image_width)
+        keep = valid_box_mask(boxes, settings.min_size) & torch.isfinite(level_score)
+        boxes, level_score = boxes[keep], level_score[keep]
+        if level_score.numel() > settings.pre_nms_top_n:
+            level_score, order = torch.topk(level_score, settings.pre_nms_top_n, sorted=True)
+            boxes = boxes[order]
+        level_boxes.append(boxes)
+        level_scores.append(level_score)
+        level_ids.append(torch.full((boxes.shape[0],), level, dtype=torch.int64, device=boxes.device))
+    score = torch.cat(level_scores)
+    probability = torch.sigmoid(score) if scores_are_logits else score
+    boxes, level_ids = torch.cat(level_boxes), torch.cat(level_ids)
+    keep = probability >= settings.min_score
+    return boxes[keep], probability[keep], level_ids[keep]
+
+
+def _top_n_then_filter(scores, deltas, anchors, image_height, image_width, settings, box_weights, delta_clamp,
+                       scores_are_logits):
+    """torchvision's order: the top n of each level first, then one pass of decode, clip and filters."""
+    chosen_scores, chosen_deltas, chosen_anchors, chosen_ids = [], [], [], []
+    for level, (level_score, level_delta, level_anchor) in enumerate(zip(scores, deltas, anchors)):
+        level_score = level_score.to(torch.float32)
+        count = min(settings.pre_nms_top_n, level_score.numel())
+        # topk over a (1, M) row as torchvision takes it, so equal logits come out in the same order.
+        level_score, order = (row[0] for row in level_score[None].topk(count, dim=1))
+        chosen_scores.append(level_score)
+        chosen_deltas.append(level_delta[order])
+        chosen_anchors.append(level_anchor[order])
+        chosen_ids.append(torch.full((count,), level, dtype=torch.int64, device=level_score.device))
+    score = torch.cat(chosen_scores)
+    # One sigmoid over all levels, as torchvision computes it: same numbers to the last bit, same ties in NMS.
+    probability = torch.sigmoid(score) if scores_are_logits else score
+    boxes = decode_deltas(torch.cat(chosen_anchors), torch.cat(chosen_deltas), box_weights, delta_clamp)
+    boxes = clip_boxes(boxes, image_height, image_width)
+    keep = valid_box_mask(boxes, settings.min_size) & torch.isfinite(probability) & (probability >= settings.min_score)
+    return boxes[keep], probability[keep], torch.cat(chosen_ids)[keep]
+
+
+@dataclass
+class ImageProposals:
+    """Proposals of one image in the ORIGINAL image's pixels, sorted by score high to low.
+
+    boxes: (K, 4) float32 x1y1x2y2; scores: (K,) objectness probabilities.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    width: int
+    height: int

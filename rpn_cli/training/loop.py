@@ -1,0 +1,459 @@
+"""Training an RPN: data, teacher pseudo-labels, targets, losses, resumable epochs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import CheckpointError, ImageError, UsageError
+from ..evaluation.recall import (
+    average_recall_report,
+    proposals_from_model,
+    readable_only,
+)
+from ..inference.proposer import Proposer
+from ..io.checkpoint import load_checkpoint, load_plain_torch_file, save_checkpoint
+from ..io.converters import load_imagenet_weights
+from ..io.datasets import (
+    AnnotatedImage,
+    load_coco,
+    load_dataset,
+    split_validation,
+    without_photos_of,
+)
+from ..io.files import atomic_write_bytes
+from ..io.images import load_image
+from ..model.network import RegionProposalNetwork
+from ..model.preprocess import pad_batch, resize_image, to_tensor
+from ..model.spec import ModelSpec
+from .targets import TargetSettings, rpn_losses
+from .teacher import (
+    YoloxTeacher,
+    merge_teacher_boxes,
+    merged_confidence,
+    partial_label_targets,
+)
+
+
+@dataclass
+class TrainConfig:
+    sources: list[str]
+    work_dir: str
+    # COCO files that annotate only the categories they list (every other object comes from the teacher).
+    partial_sources: list[str] = field(default_factory=list)
+    # COCO files of fully annotated photos to validate on instead of a split of the sources; photos of
+    # the same file name are left out of training.
+    validation_sets: list[str] = field(default_factory=list)
+    epochs: int = 12
+    batch_size: int = 4
+    learning_rate: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    validation_count: int = 50
+    train_sizes: list[int] = field(default_factory=lambda: [416, 448, 480, 512, 544, 576, 608])
+    # None: 4 when the trunk starts from trained weights (ImageNet or --init), 0 from scratch.
+    freeze_blocks: int | None = None
+    backbone_weights: str | None = None
+    init_checkpoint: str | None = None
+    teacher: str | None = None
+    teacher_threshold: float = 0.3
+    # Teacher boxes from this objectness up to teacher_threshold mark regions left out of the loss
+    # (ignored, not background) on photos whose annotations are partial or absent.
+    teacher_ignore_threshold: float = 0.1
+    # Distillation: a positive anchor on a teacher box learns the teacher's objectness, not 1.
+    soft_targets: bool = False
+    # None: every anchor takes part (torchvision's rule); a number: anchors crossing the border by more
+    # than that many pixels are left out (the paper's rule is 0). See README, "Training".
+    allowed_border: float | None = None
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainingImage:
+    path: Path
+    boxes: np.ndarray  # (K, 4) x1y1x2y2, original pixels, crowd removed
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (R, 4) unknown regions
+    confidence: np.ndarray | None = None  # (K,) objectness target of each box; None: all 1
+
+
+@dataclass
+class TrainEvent:
+    """What a training run reports to its caller (the CLI draws it)."""
+
+    kind: str  # "teacher", "step", "epoch", "warning"
+    done: int = 0
+    total: int = 0
+    epoch: int = 0
+    losses: dict = field(default_factory=dict)
+    message: str = ""
+
+
+Reporter = Callable[[TrainEvent], None]
+
+
+def _frozen_batchnorm(module: nn.Module) -> None:
+    """BatchNorm in eval mode with fixed parameters: batches of 4 images would spoil trained statistics."""
+    for layer in module.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.eval()
+            for parameter in layer.parameters():
+                parameter.requires_grad_(False)
+
+
+def trunk_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The trunk's blocks in input order (what ``freeze_blocks`` counts)."""
+    if hasattr(backbone, "stages"):
+        return [block for stage in backbone.stages for block in stage]
+    return list(backbone.body)
+
+
+def freeze_first_blocks(backbone: nn.Module, count: int) -> None:
+    for block in trunk_blocks(backbone)[:count]:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+
+
+_TEACHER_CACHE_VERSION = 2
+
+
+def _teacher_detections(
+    images: list[AnnotatedImage], teacher: YoloxTeacher, min_score: float, cache_file: Path, report: Reporter,
+) -> dict[str, np.ndarray]:
+    """The teacher's detections (T, 6: box, objectness, category id) of each readable image, down to
+    ``min_score``; cached in ``cache_file`` (recomputed when another teacher made it or it went less deep)."""
+    cache = {}
+    if cache_file.exists():
+        try:
+            stored = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = {}
+        if (isinstance(stored, dict) and stored.get("version") == _TEACHER_CACHE_VERSION
+                and stored.get("teacher") == teacher.fingerprint and stored.get("min_score", 1.0) <= min_score):
+            cache = stored["images"]
+    found, changed = {}, False
+    for done, image in enumerate(images):
+        key = str(image.path)
+        if key not in cache:
+            try:
+                boxes, scores, categories = teacher.detections(load_image(image.path), min_score)
+            except ImageError as error:
+                report(TrainEvent("warning", message=f"skipped: {error}"))
+                continue
+            cache[key] = np.concatenate((boxes.round(2), scores.round(4)[:, None], categories[:, None]), 1).tolist()
+            changed = True
+        rows = np.array(cache[key], np.float32).reshape(-1, 6)
+        found[key] = rows[rows[:, 4] >= min_score]
+        report(TrainEvent("teacher", done=done + 1, total=len(images)))
+    if changed or not cache_file.exists():
+        payload = {"version": _TEACHER_CACHE_VERSION, "teacher": teacher.fingerprint, "min_score": min_score,
+                   "images": cache}
+        atomic_write_bytes(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(payload)))
+    return found
+
+
+def _training_images(
+    images: list[AnnotatedImage], teacher: YoloxTeacher | None, threshold: float, ignore_threshold: float,
+    cache_file: Path, report: Reporter, soft_targets: bool = False,
+) -> list[TrainingImage]:
+    """Boxes to train on: annotations (crowd removed) plus, with a teacher, its boxes for what they miss;
+    unlabeled images only with a teacher. On partially labelled and unlabeled images the teacher's less
+    sure boxes become ignore regions. With ``soft_targets`` each teacher box carries its objectness.
+    Teacher detections are cached in ``cache_file``."""
+    if teacher is None:
+        return [TrainingImage(image.path, image.boxes[~image.crowd]) for image in images
+                if image.labelled and image.categories is None]
+    detections = _teacher_detections(images, teacher, min(threshold, ignore_threshold), cache_file, report)
+    result = []
+    for image in images:
+        rows = detections.get(str(image.path))
+        if rows is None:
+            continue
+        annotated = image.boxes[~image.crowd]
+        if image.labelled and image.categories is None:
+            confident = rows[rows[:, 4] >= threshold]
+            boxes = merge_teacher_boxes(annotated, confident[:, :4])
+            confidence = merged_confidence(annotated, confident[:, :4], confident[:, 4]) if soft_targets else None
+            result.append(TrainingImage(image.path, boxes, confidence=confidence))
+            continue
+        labelled = image.categories if image.labelled else frozenset()
+        boxes, confidence, ignore = partial_label_targets(annotated, labelled, rows[:, :4], rows[:, 4],
+                                                          rows[:, 5].astype(np.int64), threshold, ignore_threshold)
+        result.append(TrainingImage(image.path, boxes, ignore, confidence if soft_targets else None))
+    return result
+
+
+def _augmented(image: Image.Image, boxes: np.ndarray, ignore: np.ndarray, confidence: np.ndarray | None,
+               spec: ModelSpec, size: int, flip: bool):
+    """(image tensor, boxes, ignore regions, confidence of the boxes kept) resized to shorter side ``size``,
+    mirrored when ``flip``; boxes under a pixel wide or high are dropped."""
+    resized = resize_image(image, spec.preprocess, size)
+    sx, sy = resized.width / image.width, resized.height / image.height
+
+    def place(rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        scaled = rows * np.array([sx, sy, sx, sy], np.float32)
+        if flip:
+            scaled = np.stack((resized.width - scaled[:, 2], scaled[:, 1], resized.width - scaled[:, 0], scaled[:, 3]), 1)
+        keep = ((scaled[:, 2] - scaled[:, 0]) >= 1) & ((scaled[:, 3] - scaled[:, 1]) >= 1)
+        return torch.from_numpy(scaled[keep].reshape(-1, 4)), keep
+
+    (placed_boxes, kept), (placed_ignore, _) = place(boxes), place(ignore)
+    placed_confidence = None if confidence is None else torch.from_numpy(confidence[kept])
+    if flip:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(resized, spec.preprocess), placed_boxes, placed_ignore, placed_confidence
+
+
+def evaluate_model(model: RegionProposalNetwork, images: Sequence[AnnotatedImage],
+                   report: Reporter = lambda event: None) -> dict:
+    """AR report of ``model`` (its default proposal settings) on annotated images; an image that cannot
+    be read is reported and left out of the figures (``unreadable_images`` counts them)."""
+    left_out: list[AnnotatedImage] = []
+
+    def unreadable(image: AnnotatedImage, error: ImageError) -> None:
+        report(TrainEvent("warning", message=f"validation: {error}; left out of the figures"))
+        left_out.append(image)
+
+    found = proposals_from_model(Proposer.from_model(model), images, unreadable=unreadable)
+    readable = readable_only(images, left_out)
+    figures = average_recall_report(readable, found, (10, 100, 300)) if readable else {"images": 0}
+    return {**figures, "unreadable_images": len(left_out)}
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _read_training_state(path: Path) -> dict:
+    """``last.pt`` read as plain tensors and containers: a file that needs anything else (a pickled
+    object, TorchScript) is refused, never run."""
+    state = load_plain_torch_file(path, "training state written by rpn train (use --restart to start over)")
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a training state written by rpn train (no model weights); "
+                              "use --restart to start over or another --work-dir")
+    return state
+
+
+def _provenance_summary(provenance: dict) -> dict:
+    """What a checkpoint started from: its training command, data and figures, and what it itself
+    started from (the per-epoch history is left out)."""
+    kept = ("trained_by", "command", "data", "partially_labelled_data", "validation_sets", "training_images",
+            "validation", "after_training", "initialised_from", "converted_from", "source_format", "arch")  # the last three: a checkpoint from rpn convert
+    summary = {key: provenance[key] for key in kept if key in provenance}
+    if "history" in provenance:
+        summary["epochs"] = len(provenance["history"])
+    return summary
+
+
+@dataclass
+class _Run:
+    """A training run between its phases: what was set up, and the history so far."""
+
+    config: TrainConfig
+    spec: ModelSpec
+    model: RegionProposalNetwork
+    optimizer: torch.optim.Optimizer
+    samples: list[TrainingImage]
+    validation: list[AnnotatedImage]
+    from_scratch: bool
+    fixed_blocks: int
+    initialised_from: dict | None
+    history: list = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.samples) / self.config.batch_size)
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then a cosine decay to 0 over all epochs."""
+        total = self.steps_per_epoch * self.config.epochs
+        warm = min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+        return self.config.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * step / total))
+
+    @property
+    def setup(self) -> str:
+        """What a saved run must agree on to be continued: the model, and which of its weights train."""
+        return json.dumps({"backbone": self.spec.backbone, "levels": self.spec.levels, "from_scratch": self.from_scratch,
+                           "fixed_blocks": self.fixed_blocks}, sort_keys=True)
+
+
+def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
+    """Train (or resume) and write ``work_dir/final.safetensors``; returns the last validation report."""
+    work_dir = Path(config.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    run = _set_up(config, spec, device, work_dir, report)
+    state_file = work_dir / "last.pt"
+    if state_file.exists():
+        _resume(run, state_file, report)
+    targets = TargetSettings(allowed_border=float("inf") if config.allowed_border is None else config.allowed_border)
+    for epoch in range(len(run.history), config.epochs):
+        started = time.time()
+        losses = _train_one_epoch(run, epoch, targets, device, report)
+        run.model.eval()
+        figures = evaluate_model(run.model, run.validation, report) if run.validation else {}
+        run.history.append({"epoch": epoch + 1, "seconds": round(time.time() - started, 1), "losses": losses,
+                            "validation": figures})
+        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
+                 "history": json.dumps(run.history), "setup": run.setup}
+        atomic_write_bytes(state_file, lambda tmp: torch.save(state, tmp))
+        report(TrainEvent("epoch", done=epoch + 1, total=config.epochs, epoch=epoch + 1, losses=losses,
+                          message=json.dumps(figures)))
+    return _finish(run, work_dir)
+
+
+def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir: Path, report: Reporter) -> _Run:
+    """Data (validation held out, teacher boxes), the model (initialised, partly frozen) and its optimizer."""
+    images: list[AnnotatedImage] = []
+    for source in config.sources:
+        images.extend(load_dataset(source))
+    for source in config.partial_sources:
+        images.extend(load_coco(source, partial=True))
+    if config.validation_sets:
+        validation = [image for source in config.validation_sets for image in load_coco(source)]
+        train_images = without_photos_of(images, validation)
+    else:
+        complete = sum(image.labelled and image.categories is None for image in images)
+        validation_count = min(config.validation_count, max(complete - 1, 0))
+        train_images, validation = split_validation(images, validation_count, config.seed)
+    if config.soft_targets and (config.teacher is None or spec.score != "sigmoid"):
+        raise UsageError("--soft-targets needs --teacher and a model with sigmoid scores")
+    teacher = YoloxTeacher(config.teacher) if config.teacher else None
+    incomplete = sum(not image.labelled or image.categories is not None for image in train_images)
+    if teacher is None and incomplete:
+        report(TrainEvent("warning", message=f"{incomplete} unlabeled or partially labelled images are unused "
+                                             "without --teacher"))
+    samples = _training_images(train_images, teacher, config.teacher_threshold, config.teacher_ignore_threshold,
+                               work_dir / "teacher_detections.json", report, config.soft_targets)
+    if not samples:
+        raise UsageError("no training images")
+
+    initialised_from = None
+    if config.init_checkpoint:
+        model = load_checkpoint(config.init_checkpoint, "cpu")
+        spec = model.spec
+        initialised_from = _provenance_summary(spec.provenance)
+    else:
+        model = RegionProposalNetwork(spec)
+        if config.backbone_weights:
+            load_imagenet_weights(model.backbone, spec.backbone, Path(config.backbone_weights))
+    # A trunk from scratch has no statistics to keep: its BatchNorm layers learn them (in training mode).
+    from_scratch = not config.init_checkpoint and not config.backbone_weights
+    if from_scratch:
+        report(TrainEvent("warning", message=f"{spec.backbone['name']}: no ImageNet weights or --init, "
+                                             "so the trunk trains from scratch (BatchNorm included)"))
+    else:
+        _frozen_batchnorm(model.backbone)
+    fixed_blocks = config.freeze_blocks if config.freeze_blocks is not None else (0 if from_scratch else 4)
+    if from_scratch and fixed_blocks:
+        report(TrainEvent("warning", message=f"--freeze-blocks {fixed_blocks} keeps random weights fixed"))
+    freeze_first_blocks(model.backbone, fixed_blocks)
+    model.to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    return _Run(config, spec, model, optimizer, samples, validation, from_scratch, fixed_blocks, initialised_from)
+
+
+def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
+    """Continue from ``last.pt``: weights, optimizer and history, when it was saved by this same setup."""
+    state = _read_training_state(state_file)
+    if state.get("setup", run.setup) != run.setup:
+        raise CheckpointError(f"{state_file}: saved by a run with another backbone, start or --freeze-blocks; "
+                              "use --restart to start over or another --work-dir")
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.history = json.loads(state["history"])[: int(state["epoch"])]
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{state_file}: not a training state of this run ({_first_line(error)}); "
+                              "use --restart to start over or another --work-dir") from error
+    report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {len(run.history)}"))
+
+
+def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: torch.device,
+                     report: Reporter) -> dict[str, float]:
+    """One pass over the training images in a seeded order; returns the mean losses."""
+    config, spec, model = run.config, run.spec, run.model
+    model.train()
+    if not run.from_scratch:
+        _frozen_batchnorm(model.backbone)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    rng = random.Random(config.seed * 1000 + epoch)
+    order = torch.randperm(len(run.samples), generator=generator).tolist()
+    size_divisible = int(spec.preprocess.get("size_divisible", 1))
+    sums = {"objectness": 0.0, "box": 0.0}
+    for step in range(run.steps_per_epoch):
+        chosen = [run.samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+        size = rng.choice(config.train_sizes)
+        tensors, boxes, ignores, confidences, sizes = [], [], [], [], []
+        for sample in chosen:
+            try:
+                image = load_image(sample.path)
+            except ImageError as error:
+                report(TrainEvent("warning", message=f"skipped: {error}"))
+                continue
+            tensor, scaled, ignore, confidence = _augmented(image, sample.boxes, sample.ignore, sample.confidence, spec,
+                                                            size, rng.random() < 0.5)
+            tensors.append(tensor)
+            boxes.append(scaled.to(device))
+            ignores.append(ignore.to(device))
+            confidences.append(torch.ones(len(scaled)) if confidence is None else confidence)
+            sizes.append((tensor.shape[2], tensor.shape[1]))
+        if not tensors:
+            continue
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.learning_rate(epoch * run.steps_per_epoch + step)
+        batch = pad_batch(tensors, size_divisible).to(device)  # as inference pads
+        if model.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp, targets,
+                            generator, ignores, confidences if config.soft_targets else None)
+        run.optimizer.zero_grad(set_to_none=True)
+        (losses["objectness"] + losses["box"]).backward()
+        run.optimizer.step()
+        for key in sums:
+            sums[key] += losses[key].item()
+        report(TrainEvent("step", done=step + 1, total=run.steps_per_epoch, epoch=epoch + 1,
+                          losses={key: value / (step + 1) for key, value in sums.items()}))
+    return {key: round(value / run.steps_per_epoch, 5) for key, value in sums.items()}
+
+
+def _finish(run: _Run, work_dir: Path) -> dict:
+    """Write ``final.safetensors`` with its provenance; returns the last validation figures."""
+    config, spec, validation, samples = run.config, run.spec, run.validation, run.samples
+    fixed_blocks, history, model = run.fixed_blocks, run.history, run.model
+    last_report: dict = history[-1]["validation"] if history else {}
+    spec.provenance = {
+        "trained_by": "rpn train",
+        "command": config.command,
+        "data": [str(source) for source in config.sources],
+        "partially_labelled_data": list(config.partial_sources),
+        "validation_sets": list(config.validation_sets),
+        "training_images": len(samples),
+        "validation_images": [image.image_id for image in validation],
+        "teacher": Path(config.teacher).name if config.teacher else None,
+        "config": {**config.to_dict(), "freeze_blocks": fixed_blocks},
+        "history": history,
+        "validation": last_report,
+    }
+    if run.initialised_from is not None:
+        spec.provenance["initialised_from"] = run.initialised_from
+    model.spec = spec
+    save_checkpoint(model, work_dir / "final.safetensors", spec)
+    return last_report
