@@ -27,7 +27,6 @@ PHOTOS = ROOT.parent / "shared" / "data" / "coco-train2017" / "images"
 def _rpn_candidates(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(boxes, scores) entering NMS for the first ``count`` photos: the proposal layer run with an
     IoU threshold of 1 (nothing suppressed) and no post-NMS limit."""
-    from dataclasses import replace
 
     from rpn_cli.inference.predict import proposals_for_batch
     from rpn_cli.inference.runtime import load_model
@@ -35,11 +34,11 @@ def _rpn_candidates(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from rpn_cli.model.preprocess import prepare_image
 
     model = load_model(DEFAULT_CHECKPOINT)
-    settings = replace(model.spec.proposal_settings(), nms_iou=1.0, post_nms_top_n=10**9)
+    proposal_layer = model.spec.proposal_layer(nms_iou=1.0, post_nms_top_n=10**9)
     candidates = []
     for path in sorted(PHOTOS.glob("*.jpg"))[:count]:
         prepared = prepare_image(load_image(path), model.spec.preprocess)
-        found = proposals_for_batch(model, [prepared], settings)[0]
+        found = proposals_for_batch(model, [prepared], proposal_layer)[0]
         candidates.append((found.boxes, found.scores))
     return candidates
 

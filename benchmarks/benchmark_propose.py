@@ -7,7 +7,7 @@ Each part runs in its own process (so each has its own peak memory) on the same 
   ours-cli   `rpn propose DIR --out TMP --format json` end to end, as a user runs it (process start included)
   ours-split the same pipeline in-process, timed per stage (decode+resize, model, proposal layer, writing),
              as auto runs it and with each backend and precision (PyTorch float32 and bfloat16, ONNX Runtime
-             float32) and --batch-size 4 (skip them all with --skip ours-split)
+             float32 and int8) and --batch-size 4 (skip them all with --skip ours-split)
   selective  OpenCV's Selective Search, fast mode (needs the bench extra: opencv-contrib-python-headless)
   seed       the seed document's RPN code (tests/seed_reference.py), one image at a time, float32,
              ResNet-50 C4 in the seed project's layout: random weights, or --seed-weights CKPT's
@@ -141,7 +141,7 @@ def _check_seed_weights(path: Path) -> None:
         sys.exit(f"--seed-weights {path}: not a resnet50-c4 checkpoint in the seed project's conventions "
                  "(rpn train --backbone resnet50-c4 writes one)")
     if spec.preprocess != seed_spec.preprocess:
-        print(f"warning: {path} was trained for other preprocessing ({spec.preprocess['size']} px); "
+        print(f"warning: {path} was trained for other preprocessing ({spec.preprocess.size} px); "
               "both codes run it as the seed's (600 px)", file=sys.stderr)
 
 
@@ -182,6 +182,7 @@ SPLIT_VARIANTS = {
     "ours-split-torch-float32": ({"backend": "torch", "precision": "float32"}, "  the same, PyTorch float32"),
     "ours-split-torch-bfloat16": ({"backend": "torch", "precision": "bfloat16"}, "  the same, PyTorch bfloat16"),
     "ours-split-onnxruntime": ({"backend": "onnxruntime"}, "  the same, ONNX Runtime float32"),
+    "ours-split-onnxruntime-int8": ({"backend": "onnxruntime-int8"}, "  the same, ONNX Runtime int8"),
     "ours-split-batch4": ({"batch_size": 4}, "  the same, auto, --batch-size 4"),
 }
 

@@ -1,8 +1,8 @@
-"""AR of a checkpoint on the validation set with the network in float32 and in bfloat16.
+"""AR of a checkpoint on the validation set with the network in float32, bfloat16 and int8 (ONNX Runtime).
 
     python benchmarks/recall_by_precision.py [--checkpoint CKPT] [--annotations FILE]
 
-bfloat16 is the default on CPUs with native support only while AR@100 moves by less than 0.005.
+A precision or backend is what auto picks only while AR@100 and AR@300 move by less than 0.005.
 Default images: the validation set of benchmarks/validation_set.py.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rpn_cli import Proposer  # noqa: E402
+from rpn_cli import Proposer, RpnError  # noqa: E402
 from rpn_cli.evaluation.recall import average_recall_report, proposals_from_model  # noqa: E402
 from rpn_cli.io.datasets import load_coco  # noqa: E402
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
@@ -32,15 +32,23 @@ def main() -> None:
 
         images = validation_images()
     print(f"{len(images)} images")
-    print("| precision | AR@10 | AR@100 | AR@300 | s / image (whole eval) |")
-    print("|---|---|---|---|---|")
-    for precision in ("float32", "bfloat16"):
-        proposer = Proposer(args.checkpoint, device="cpu", precision=precision)
+    print("| network | AR@10 | AR@100 | AR@300 | AR@100 - float32 | AR@300 - float32 | s / image (whole eval) |")
+    print("|---|---|---|---|---|---|---|")
+    reference = None
+    for backend, precision in (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime-int8", "auto")):
+        try:
+            proposer = Proposer(args.checkpoint, device="cpu", precision=precision, backend=backend)
+        except RpnError as error:
+            print(f"| {backend} {precision} | not run: {error} |")
+            continue
         started = time.perf_counter()
         found = proposals_from_model(proposer, images)
         seconds = (time.perf_counter() - started) / len(images)
         report = average_recall_report(images, found, (10, 100, 300))
-        print(f"| {precision} | {report['AR@10']:.4f} | {report['AR@100']:.4f} | {report['AR@300']:.4f} | {seconds:.3f} |")
+        reference = reference or report
+        print(f"| {backend} {proposer.model.precision} | {report['AR@10']:.4f} | {report['AR@100']:.4f} | "
+              f"{report['AR@300']:.4f} | {report['AR@100'] - reference['AR@100']:+.4f} | "
+              f"{report['AR@300'] - reference['AR@300']:+.4f} | {seconds:.3f} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_it_loads_with_its_provenance(default_checkpoint):
     assert default_checkpoint.name in readme and provenance["command"] in readme
     # The figures rpn_cli/weights/README.md gives for the shipped file are the ones recorded in it.
     shipped = provenance["validation"]
-    assert model.spec.proposals["min_size"] == 8.0
+    assert model.spec.proposals.min_size == 8.0
     assert (f"| **shipped**: fourth stage (persons, partial labels), min size 8 | {shipped['AR@10']:.3f} | "
             f"{shipped['AR@100']:.3f} | {shipped['AR@300']:.3f} | {shipped['R@0.5@300']:.3f} | "
             f"{shipped['R@0.7@300']:.3f} |") in readme
@@ -48,7 +48,7 @@ def test_it_loads_with_its_provenance(default_checkpoint):
 def test_best_proposals_cover_the_obvious_object(default_checkpoint, sample):
     model = load_checkpoint(default_checkpoint)
     prepared = prepare_image(load_image(SAMPLES / sample), model.spec.preprocess)
-    result = proposals_for_batch(model, [prepared], model.spec.proposal_settings())[0]
+    result = proposals_for_batch(model, [prepared], model.spec.proposal_layer())[0]
     overlap = box_iou(torch.tensor([HAND_MADE[sample]]), result.boxes[:10])[0]
     assert float(overlap.max()) >= 0.7, overlap
 

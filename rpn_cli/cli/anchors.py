@@ -39,6 +39,7 @@ def anchors(
     from ..io.visualize import draw_anchors
     from ..model.anchors import anchor_shapes, describe_anchor_shapes
     from ..model.preprocess import resize_image
+    from ..model.spec import LevelSpec
 
     try:
         if checkpoint is not None:
@@ -50,11 +51,11 @@ def anchors(
             if not torch.isfinite(shapes).all() or (shapes[:, 2:] - shapes[:, :2]).min() <= 0:
                 raise UsageError(f"--stride {stride} --ratios {ratios} --scales {scales}: anchors too large or "
                                  "too thin to represent")
-            levels, offset, preprocess = [{"stride": stride, "anchors": shapes.tolist()}], 0.0, None
+            levels, offset, preprocess = [LevelSpec(stride, shapes.tolist())], 0.0, None
         rows = []
         for number, level in enumerate(levels):
-            for row in describe_anchor_shapes(torch.tensor(level["anchors"])):
-                rows.append({"level": number, "stride": level["stride"], **row})
+            for row in describe_anchor_shapes(torch.tensor(level.anchors)):
+                rows.append({"level": number, "stride": level.stride, **row})
         if as_json:
             typer.echo(json.dumps(rows))
         else:

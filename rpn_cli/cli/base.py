@@ -142,7 +142,7 @@ CheckpointOption = Annotated[
 ]
 BackendOption = Annotated[
     str,
-    typer.Option("--backend", help="What runs the network: torch, onnxruntime (float32; our checkpoint's ONNX export, built once into ~/.cache/rpn-cli), or auto (ONNX Runtime on CPUs without bfloat16 when the onnx extra is installed, else torch)."),
+    typer.Option("--backend", help="What runs the network: torch, onnxruntime (float32; our checkpoint's ONNX export, built once into ~/.cache/rpn-cli), onnxruntime-int8 (the shipped checkpoint's int8 model; for others, rpn export --format onnx-int8), or auto (on the CPU: int8 where the checkpoint has one; else PyTorch bfloat16 on CPUs that have it, ONNX Runtime float32 without, when the onnx extra is installed)."),
 ]
 TrustTorchScriptOption = Annotated[
     bool,

@@ -36,4 +36,4 @@ def convert(
             raise UsageError(f"--from {source_format}: supported: seed-project, torchvision")
     except RpnError as error:
         fail(error)
-    err.print(f"wrote {destination} ({spec.backbone['name']}, {spec.score} scores)", markup=False, highlight=False)
+    err.print(f"wrote {destination} ({spec.backbone.name}, {spec.score} scores)", markup=False, highlight=False)

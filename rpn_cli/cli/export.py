@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,7 +21,9 @@ from .base import (
 @interruptible
 def export(
     paths: Annotated[list[Path], typer.Argument(help="[CHECKPOINT] DESTINATION: a .safetensors checkpoint of ours (default: the shipped one) and the file to write (.onnx, or .pt for TorchScript).", metavar="[CHECKPOINT] DESTINATION")],
-    export_format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript (deprecated by PyTorch; loading it back runs code, so rpn needs --trust-torchscript for it).")] = "onnx",
+    export_format: Annotated[str, typer.Option("--format", "-f", help="onnx, onnx-int8 (quantized for CPUs, calibrated on --calibration photos) or torchscript (deprecated by PyTorch; loading it back runs code, so rpn needs --trust-torchscript for it).")] = "onnx",
+    calibration: Annotated[Optional[list[str]], typer.Option("--calibration", help="onnx-int8: photos like those the model will see (files, folders, globs; repeatable), never your validation photos.")] = None,
+    calibration_count: Annotated[int, typer.Option("--calibration-count", min=1, help="onnx-int8: at most this many of them, in the order given.")] = 200,
 ) -> None:
     """Export the network (backbone and head; dynamic image size) for deployment tools.
 
@@ -29,12 +31,25 @@ def export(
     with the same proposal layer.
     """
     from ..inference.export import export_model
+    from ..io.inputs import expand_inputs
 
     try:
         if len(paths) > 2:
             raise UsageError("rpn export [CHECKPOINT] DESTINATION: at most two paths")
         checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
-        export_model(checkpoint_or_default(checkpoint), destination, export_format)
+        photos = []
+        for item in expand_inputs(calibration or []):
+            if item.problem:
+                err.print(f"warning: {item.given}: {item.problem}", markup=False, highlight=False, soft_wrap=True)
+            else:
+                photos.append(Path(item.given))
+        used = export_model(checkpoint_or_default(checkpoint), destination, export_format, calibration=photos,
+                            calibration_count=calibration_count, on_skipped=_warn_skipped)
     except RpnError as error:
         fail(error)
-    err.print(f"wrote {destination} ({export_format})", markup=False, highlight=False)
+    calibrated = f", calibrated on {used} photos" if used else ""
+    err.print(f"wrote {destination} ({export_format}{calibrated})", markup=False, highlight=False, soft_wrap=True)
+
+
+def _warn_skipped(path: Path, problem: str) -> None:
+    err.print(f"warning: skipped: {problem}", markup=False, highlight=False, soft_wrap=True)

@@ -39,11 +39,11 @@ def info(
     spec = model.spec
     console = Console(highlight=False)
     console.print(f"checkpoint   {checkpoint}")
-    console.print(f"backbone     {json.dumps(spec.backbone)}")
+    console.print(f"backbone     {json.dumps(description['backbone'])}")
     console.print(f"parameters   {description['parameters']:,}")
     console.print(f"score        {spec.score}")
     for number, level in enumerate(spec.levels):
-        console.print(f"level {number}      stride {level['stride']}, {len(level['anchors'])} anchors")
-    console.print(f"preprocess   {json.dumps(spec.preprocess)}")
-    console.print(f"proposals    {json.dumps(spec.proposals)}")
+        console.print(f"level {number}      stride {level.stride}, {len(level.anchors)} anchors")
+    console.print(f"preprocess   {json.dumps(description['preprocess'])}")
+    console.print(f"proposals    {json.dumps(description['proposals'])}")
     console.print(f"provenance   {json.dumps({k: v for k, v in spec.provenance.items() if k != 'history'})}", soft_wrap=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -11,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import OutputError, RpnError, UsageError
+from ..errors import RpnError, UsageError
 from ..version import __version__
 from .base import (
     BackendOption,
@@ -80,6 +79,7 @@ def propose(
             decoded_ahead = DecodeAhead(items, max_pixels)
         from ..inference.proposer import Proposer
         from ..io.outputs import (
+            ProposalWriter,
             check_output_names,
             check_output_paths,
             output_plan,
@@ -116,12 +116,11 @@ def propose(
                             trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
                             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
                             min_size=min_size, min_score=min_score)
-        code = _run_propose(items, proposer, formats=formats, out=out, batch_size=batch_size, workers=workers,
-                            draw_top=draw_top, skip_existing=skip_existing, fail_fast=fail_fast, quiet=quiet,
-                            decoded_ahead=decoded_ahead, per_image=per_image,
-                            collected=collected, image_ids=image_ids,
-                            model_version=f"rpn-cli {__version__} {checkpoint.name}",
-                            sheet=sheet)
+        writer = ProposalWriter(formats=formats, out=out, stream=sys.stdout, draw_top=draw_top,
+                                image_ids=image_ids, model_version=f"rpn-cli {__version__} {checkpoint.name}",
+                                sheet=sheet)
+        code = _run_propose(items, proposer, writer, batch_size=batch_size, workers=workers,
+                            skip_existing=skip_existing, fail_fast=fail_fast, quiet=quiet, decoded_ahead=decoded_ahead)
     except RpnError as error:
         fail(error)
     finally:
@@ -169,22 +168,9 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
     raise typer.Exit(1 if summary.failed else 0)
 
 
-SHEET_IMAGES, SHEET_TILE = 60, 200  # a contact sheet's thumbnails: how many, and their size in pixels
-
-
-def _write_stdout(text: str) -> None:
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as error:
-        raise OutputError(f"standard output: cannot write ({error.strerror or error})") from error
-
-
-def _run_propose(items, proposer, *, formats, out, batch_size, workers, draw_top, skip_existing, fail_fast, quiet,
-                 decoded_ahead=None, per_image=(), collected=None, image_ids=None, model_version="",
-                 sheet=None) -> int:
+def _run_propose(items, proposer, writer, *, batch_size, workers, skip_existing, fail_fast, quiet,
+                 decoded_ahead=None) -> int:
+    """The local engine's loop: results into ``writer``, errors and progress on stderr; the exit code."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -195,28 +181,12 @@ def _run_propose(items, proposer, *, formats, out, batch_size, workers, draw_top
     )
 
     from ..inference.engine import Timings
-    from ..io.images import load_image
-    from ..io.outputs import (
-        image_outputs,
-        proposal_record,
-        remove_stale_temporaries,
-        save_png,
-        write_collected,
-        write_image_outputs,
-    )
-    from ..io.visualize import contact_sheet, thumbnail_with_proposals
+    from ..io.outputs import pending_items
 
-    collected = collected or {}
     started = time.perf_counter()
     skipped = 0
-    if skip_existing and out is not None and out.is_dir():
-        remove_stale_temporaries(out)
-    if skip_existing and per_image:
-        remaining = [i for i in items if not all(p.exists() for p in image_outputs(out, i.relative, per_image))]
-        skipped = len(items) - len(remaining)
-        items = remaining
-    records: list[dict] = []
-    tiles: list = []
+    if skip_existing and writer.out is not None:
+        items, skipped = pending_items(items, writer.out, writer.per_image)
     timings = Timings()
     failed_fast = False
     with Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -233,17 +203,7 @@ def _run_propose(items, proposer, *, formats, out, batch_size, workers, draw_top
                         failed_fast = True
                         break
                     continue
-                record = proposal_record(result.item.given, result.proposals)
-                if "jsonl" in formats:
-                    _write_stdout(json.dumps(record) + "\n")
-                if per_image:
-                    write_image_outputs(out, result, per_image, draw_top)
-                if collected:
-                    records.append(record)
-                if sheet is not None and len(tiles) < SHEET_IMAGES:
-                    image = load_image(result.item.given, None)
-                    tiles.append((thumbnail_with_proposals(image, result.proposals, draw_top, SHEET_TILE),
-                                  result.item.relative))
+                writer.write(result)
         except BrokenPipeError:
             # The reader went away (``rpn propose dir | head``): stop quietly, as coreutils do.
             devnull = open(os.devnull, "w")
@@ -256,11 +216,7 @@ def _run_propose(items, proposer, *, formats, out, batch_size, workers, draw_top
         except RpnError as error:
             results.close()
             fail(error)
-    if not failed_fast:
-        for fmt, target in collected.items():
-            write_collected(target, fmt, records, image_ids, model_version)
-    if sheet is not None and tiles:
-        save_png(contact_sheet(tiles, SHEET_TILE), sheet)
+    writer.finish(complete=not failed_fast)
     if not quiet:
         summary = (f"{timings.images} images, {timings.proposals} proposals, {timings.failed} failed"
                    + (f", {skipped} skipped (outputs exist)" if skipped else "")

@@ -78,7 +78,7 @@ def train(
             raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn or resnet50-c4")
         if backbone == "resnet50-c4":
             spec = seed_project_spec()
-            spec.preprocess["size"] = shorter_side or spec.preprocess["size"]
+            spec.preprocess.size = shorter_side or spec.preprocess.size
             weights = backbone_weights
         else:
             side = shorter_side or 512
@@ -123,7 +123,6 @@ def train(
         typer.echo(json.dumps({"checkpoint": str(out or final), "validation": result}))
     except RpnError as error:
         fail(error)
-
 
 
 def _packaged_mobilenet_weights() -> Optional[Path]:

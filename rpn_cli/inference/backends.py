@@ -1,7 +1,9 @@
 """Which engine runs the network: PyTorch, or ONNX Runtime on an ONNX export built once and cached.
 
-Measured (benchmarks/benchmark_propose.py): on CPUs with native bfloat16 PyTorch in bfloat16 is the
-fastest; without it ONNX Runtime's float32 beats PyTorch's float32. ``auto`` follows that.
+Measured (benchmarks/benchmark_propose.py, README "Performance"): on the CPU the int8 model is the
+fastest, then (for a checkpoint without one) PyTorch in bfloat16 where the CPU has it natively, else
+ONNX Runtime in float32. ``auto`` follows that. An int8 model is made and calibrated beforehand
+(``rpn export --format onnx-int8``); the shipped checkpoint ships with its own.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..weights import DEFAULT_CHECKPOINT, DEFAULT_INT8
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
 EXPORTED_SUFFIXES = (".onnx", ".pt", ".torchscript", ".ts")
 
 
@@ -24,25 +27,41 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
 
 
+def onnxruntime_installed() -> bool:
+    """ONNX Runtime alone: enough to run an int8 model made beforehand."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def cpu_has_bfloat16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_backend(name: str, device: torch.device, precision: str, checkpoint: Path) -> str:
-    """``torch`` or ``onnxruntime`` for ``--backend NAME``. ``auto``: ONNX Runtime on a CPU without native
-    bfloat16, for our own checkpoints in float32, when the ``onnx`` extra is installed; else PyTorch.
+    """``torch``, ``onnxruntime`` or ``onnxruntime-int8`` for ``--backend NAME``. ``auto`` on a CPU, with
+    ``--precision auto``: int8 when the checkpoint has one (:func:`int8_model_for`); else, for float32, ONNX
+    Runtime on a CPU without native bfloat16 when the ``onnx`` extra is installed; else PyTorch.
     Exported files run on what they are."""
     if name not in BACKENDS:
         raise UsageError(f"--backend {name}: choose from {', '.join(BACKENDS)}")
     exported = checkpoint.suffix in EXPORTED_SUFFIXES
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "onnxruntime-int8"):
         if precision not in ("auto", "float32"):
-            raise UsageError(f"--backend onnxruntime runs float32, not --precision {precision}")
-        if not exported and not onnxruntime_available():
-            raise UsageError('--backend onnxruntime needs the onnx extra: pip install "rpn-cli[onnx]"')
+            raise UsageError(f"--backend {name} runs {'int8' if name.endswith('int8') else 'float32'}, "
+                             f"not --precision {precision}")
+        if name == "onnxruntime-int8":
+            if exported:
+                raise UsageError(f"--backend {name} is for our .safetensors checkpoints; an exported file runs as it is")
+            if device.type != "cpu":
+                raise UsageError(f"--backend {name} runs on the CPU, not --device {device.type}")
+            if not onnxruntime_installed():
+                raise UsageError(f"--backend {name} needs onnxruntime: pip install onnxruntime")
+        elif not exported and not onnxruntime_available():
+            raise UsageError(f'--backend {name} needs the onnx extra: pip install "rpn-cli[onnx]"')
         return name
     if name == "torch" or exported:
         return "torch"
+    if device.type == "cpu" and precision == "auto" and int8_model_for(checkpoint) is not None:
+        return "onnxruntime-int8"
     if device.type == "cpu" and precision in ("auto", "float32") and not cpu_has_bfloat16() and onnxruntime_available():
         return "onnxruntime"
     return "torch"
@@ -60,3 +79,17 @@ def onnx_cache_path(checkpoint: Path) -> Path:
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     return cache_dir() / "onnx" / f"{digest}-torch{torch.__version__.split('+')[0]}.onnx"
 
+
+
+def int8_model_for(checkpoint: Path) -> Path | None:
+    """The shipped int8 model when ``checkpoint`` holds the shipped checkpoint's bytes (a test checks
+    that the int8 file was made from them), and ONNX Runtime is installed; else None."""
+    if not (DEFAULT_INT8.is_file() and DEFAULT_CHECKPOINT.is_file() and onnxruntime_installed()):
+        return None
+    same = Path(checkpoint).resolve() == DEFAULT_CHECKPOINT or (
+        Path(checkpoint).is_file() and _digest(checkpoint) == _digest(DEFAULT_CHECKPOINT))
+    return DEFAULT_INT8 if same else None
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -15,7 +15,8 @@ from ..io.inputs import InputImage
 from ..io.results import ImageResult
 from ..model.network import RegionProposalNetwork
 from ..model.preprocess import PreparedImage, prepare_image
-from ..model.proposals import ProposalSettings
+from ..model.proposals import ProposalLayer
+from ..model.spec import PreprocessSpec
 from .predict import proposals_from_outputs, run_model
 from .prefetch import DecodeAhead
 
@@ -32,7 +33,7 @@ class Timings:
     proposals: int = 0
 
 
-def _prepare(item: InputImage, preprocess: dict, max_pixels: int | None,
+def _prepare(item: InputImage, preprocess: PreprocessSpec, max_pixels: int | None,
              decoded_ahead: DecodeAhead | None) -> tuple[PreparedImage | None, str | None, float]:
     started = time.perf_counter()
     if item.problem:
@@ -48,7 +49,7 @@ def _prepare(item: InputImage, preprocess: dict, max_pixels: int | None,
 def propose_images(
     items: Sequence[InputImage],
     model: RegionProposalNetwork,
-    settings: ProposalSettings,
+    proposal_layer: ProposalLayer,
     *,
     batch_size: int = 1,
     workers: int = 0,
@@ -67,7 +68,7 @@ def propose_images(
     """
     timings = timings or Timings()
     preprocess = model.spec.preprocess
-    divisible = int(preprocess.get("size_divisible", 1))
+    divisible = preprocess.size_divisible
     pending: deque[tuple[InputImage, Future | tuple]] = deque()
     lookahead = max(1, batch_size) * (2 + workers)
     executor = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
@@ -94,19 +95,19 @@ def propose_images(
             timings.decode += seconds
             if error is not None:
                 # Flush what is batched first, so results stay in input order.
-                yield from _run_batch(batch, model, settings, top_k, timings)
+                yield from _run_batch(batch, model, proposal_layer, top_k, timings)
                 batch = []
                 timings.failed += 1
                 yield ImageResult(item, error=error)
                 continue
             if batch and _padded_size(batch[0][1], divisible) != _padded_size(prepared, divisible):
-                yield from _run_batch(batch, model, settings, top_k, timings)
+                yield from _run_batch(batch, model, proposal_layer, top_k, timings)
                 batch = []
             batch.append((item, prepared))
             if len(batch) >= batch_size:
-                yield from _run_batch(batch, model, settings, top_k, timings)
+                yield from _run_batch(batch, model, proposal_layer, top_k, timings)
                 batch = []
-        yield from _run_batch(batch, model, settings, top_k, timings)
+        yield from _run_batch(batch, model, proposal_layer, top_k, timings)
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
@@ -117,7 +118,7 @@ def _padded_size(image: PreparedImage, divisible: int) -> tuple[int, int]:
     return tuple(math.ceil(side / divisible) * divisible for side in image.tensor.shape[1:])
 
 
-def _run_batch(batch, model, settings, top_k, timings: Timings) -> Iterator[ImageResult]:
+def _run_batch(batch, model, proposal_layer, top_k, timings: Timings) -> Iterator[ImageResult]:
     if not batch:
         return
     prepared = [image for _, image in batch]
@@ -125,7 +126,7 @@ def _run_batch(batch, model, settings, top_k, timings: Timings) -> Iterator[Imag
     levels = run_model(model, prepared)
     timings.model += time.perf_counter() - started
     started = time.perf_counter()
-    results = proposals_from_outputs(model, levels, prepared, settings, top_k)
+    results = proposals_from_outputs(levels, prepared, proposal_layer, top_k)
     timings.proposal_layer += time.perf_counter() - started
     for (item, _), proposals in zip(batch, results):
         timings.images += 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -14,8 +16,7 @@ from ..io.files import atomic_write_bytes
 from ..model.network import RegionProposalNetwork
 from ..model.spec import ModelSpec
 
-EXPORT_FORMATS = ("onnx", "torchscript")
-
+EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 
 
 class _RawOutputs(torch.nn.Module):
@@ -29,7 +30,6 @@ class _RawOutputs(torch.nn.Module):
         return tuple(self.model.raw_outputs(images))
 
 
-
 def _output_names(spec: ModelSpec) -> list[str]:
     names = []
     for index in range(len(spec.levels)):
@@ -37,17 +37,29 @@ def _output_names(spec: ModelSpec) -> list[str]:
     return names
 
 
-
 def _example_input(spec: ModelSpec) -> torch.Tensor:
-    size = int(spec.preprocess.get("size", 512))
+    size = int(spec.preprocess.size)
     return torch.zeros(1, 3, size, size + size // 3)
 
 
-
-def export_model(checkpoint: str | Path, destination: str | Path, export_format: str) -> None:
-    """Write the checkpoint's network to ONNX (dynamic batch and image size) or TorchScript."""
+def export_model(checkpoint: str | Path, destination: str | Path, export_format: str, *,
+                 calibration: Sequence[Path] = (), calibration_count: int = 200,
+                 on_skipped: Callable[[Path, str], None] = lambda path, problem: None) -> int:
+    """Write the checkpoint's network to ONNX (dynamic batch and image size), int8 ONNX (calibrated on
+    up to ``calibration_count`` of the ``calibration`` photos, see :mod:`.quantize`) or TorchScript.
+    Returns the number of calibration photos used (0 for the float formats)."""
     if export_format not in EXPORT_FORMATS:
         raise UsageError(f"--format {export_format}: choose from {', '.join(EXPORT_FORMATS)}")
+    if export_format == "onnx-int8":
+        if not calibration:
+            raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")
+        from .quantize import quantize_onnx
+
+        with tempfile.TemporaryDirectory(prefix="rpn-export-") as work:
+            fp32 = Path(work) / "fp32.onnx"
+            export_model(checkpoint, fp32, "onnx")
+            return quantize_onnx(fp32, destination, calibration, count=calibration_count, on_skipped=on_skipped,
+                                 source=Path(checkpoint))
     model = load_checkpoint(checkpoint, "cpu")
     wrapper = _RawOutputs(model).eval()
     example = _example_input(model.spec)
@@ -61,7 +73,7 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
             traced = torch.jit.trace(wrapper, example, check_trace=False)
             atomic_write_bytes(destination,
                                lambda tmp: torch.jit.save(traced, tmp, _extra_files={METADATA_KEY: description}))
-
+    return 0
 
 
 def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destination: Path) -> None:

@@ -7,15 +7,15 @@ from typing import Sequence
 import torch
 
 from ..model.boxes import scale_boxes
-from ..model.network import LevelOutput, RegionProposalNetwork, objectness
+from ..model.network import LevelOutput, RegionProposalNetwork
 from ..model.preprocess import PreparedImage, pad_batch
-from ..model.proposals import ImageProposals, ProposalSettings, proposals_for_image
+from ..model.proposals import ImageProposals, ProposalLayer
 
 
 def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> list[LevelOutput]:
     """The network's per-level outputs for a batch of prepared images (padded together)."""
     device = model.device
-    size_divisible = int(model.spec.preprocess.get("size_divisible", 1))
+    size_divisible = model.spec.preprocess.size_divisible
     batch = pad_batch([image.tensor for image in images], size_divisible)
     if device.type == "cuda":
         # Page-locked memory lets the copy run asynchronously with the host's next work.
@@ -28,10 +28,9 @@ def run_model(model: RegionProposalNetwork, images: Sequence[PreparedImage]) -> 
 
 
 def proposals_from_outputs(
-    model: RegionProposalNetwork,
     levels: list[LevelOutput],
     images: Sequence[PreparedImage],
-    settings: ProposalSettings,
+    proposal_layer: ProposalLayer,
     top_k: int | None = None,
 ) -> list[ImageProposals]:
     """The proposal layer on each image of a batch, with that image's own size, mapped to original pixels."""
@@ -39,19 +38,7 @@ def proposals_from_outputs(
     with torch.inference_mode():
         for index, image in enumerate(images):
             width, height = image.resized_size
-            sigmoid = model.spec.score == "sigmoid"
-            boxes, scores = proposals_for_image(
-                [level.logits[index].float() if sigmoid else objectness(level.logits[index], model.spec.score)
-                 for level in levels],
-                [level.deltas[index] for level in levels],
-                [level.anchors for level in levels],
-                height,
-                width,
-                settings,
-                model.spec.box_weights,
-                model.spec.delta_clamp,
-                scores_are_logits=sigmoid,
-            )
+            boxes, scores = proposal_layer(levels, index, height, width)
             if top_k is not None:
                 boxes, scores = boxes[:top_k], scores[:top_k]
             boxes = scale_boxes(boxes, image.scale_x, image.scale_y)
@@ -65,8 +52,8 @@ def proposals_from_outputs(
 def proposals_for_batch(
     model: RegionProposalNetwork,
     images: Sequence[PreparedImage],
-    settings: ProposalSettings,
+    proposal_layer: ProposalLayer,
     top_k: int | None = None,
 ) -> list[ImageProposals]:
     """Proposals for a batch of prepared images (limits applied per image)."""
-    return proposals_from_outputs(model, run_model(model, images), images, settings, top_k)
+    return proposals_from_outputs(run_model(model, images), images, proposal_layer, top_k)

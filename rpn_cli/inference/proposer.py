@@ -67,7 +67,7 @@ class Proposer:
     def _setup(self, model, top_k: int | None, max_pixels: int | None, limits: dict) -> None:
         self.model = model
         self.spec = model.spec
-        self.settings = model.spec.proposal_settings(**limits)
+        self.proposal_layer = model.spec.proposal_layer(**limits)
         self.top_k = top_k
         self.max_pixels = max_pixels
 
@@ -86,7 +86,7 @@ class Proposer:
     def propose_prepared(self, images: Sequence[PreparedImage]) -> list[ImageProposals]:
         """Proposals of prepared images run as one batch (give images of one padded size: see
         :func:`rpn_cli.engine.propose_images`)."""
-        return proposals_for_batch(self.model, images, self.settings, self.top_k)
+        return proposals_for_batch(self.model, images, self.proposal_layer, self.top_k)
 
     def stream(self, inputs: Iterable[str | Path | InputImage], *, batch_size: int = 1, workers: int | None = None,
                timings: Timings | None = None, decoded_ahead: DecodeAhead | None = None) -> Iterator[ImageResult]:
@@ -100,7 +100,7 @@ class Proposer:
             items.extend([entry] if isinstance(entry, InputImage) else expand_inputs([str(entry)]))
         if workers is None:
             workers = default_decode_workers(self.device)
-        return propose_images(items, self.model, self.settings, batch_size=batch_size, workers=workers,
+        return propose_images(items, self.model, self.proposal_layer, batch_size=batch_size, workers=workers,
                               top_k=self.top_k, max_pixels=self.max_pixels, timings=timings,
                               decoded_ahead=decoded_ahead)
 

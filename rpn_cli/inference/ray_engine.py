@@ -16,13 +16,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from ..errors import ImageError, UsageError
 from ..io.files import atomic_write_bytes
 from ..io.inputs import InputImage
+
+if TYPE_CHECKING:  # the driver need not import torch
+    from ..model.spec import PreprocessSpec
 
 SUMMARY_NAME = "_SUCCESS"
 SHARD_RECORDS = 1000
@@ -64,7 +67,7 @@ def done_images(out_dir: Path) -> set[str]:
     return done
 
 
-def _decode(batch: dict, preprocess: dict, max_pixels: int | None) -> dict:
+def _decode(batch: dict, preprocess: PreprocessSpec, max_pixels: int | None) -> dict:
     """CPU task: decode and resize a batch of paths (errors become rows with an error text)."""
     from ..io.images import load_image
     from ..model.preprocess import prepare_image
@@ -121,7 +124,7 @@ def propose_with_ray(
     checkpoint: Path,
     out_dir: Path,
     limits: dict,
-    preprocess: dict,
+    preprocess: PreprocessSpec,
     *,
     output_format: str = "jsonl",
     address: str | None = None,

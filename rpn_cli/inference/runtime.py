@@ -18,9 +18,10 @@ from ..io.checkpoint import METADATA_KEY, load_checkpoint, read_spec
 from ..model.folding import fold_batchnorm
 from ..model.network import LevelOutput, flatten_outputs
 from ..model.spec import ModelSpec
-from .backends import onnx_cache_path, resolve_backend
+from .backends import int8_model_for, onnx_cache_path, resolve_backend
 from .devices import PRECISION_DTYPES, resolve_precision
 from .export import export_model
+from .quantize import QUANTIZATION_KEY
 
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".torchscript", ".ts")
@@ -65,6 +66,8 @@ class ExportedRegionProposalNetwork:
             raise CheckpointError(f"{self.path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from error
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.spec = self._spec_from(metadata.get(METADATA_KEY))
+        if QUANTIZATION_KEY in metadata:
+            self.precision = "int8"
         self.device = torch.device("cpu")  # ONNX Runtime hands back host arrays
 
     def _load_torchscript(self) -> None:
@@ -106,7 +109,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", precision: 
     device = torch.device(device)
     if path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
         return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)
-    if resolve_backend(backend, device, precision, path) == "onnxruntime":
+    chosen = resolve_backend(backend, device, precision, path)
+    if chosen == "onnxruntime-int8":
+        read_spec(path)
+        int8 = int8_model_for(path)
+        if int8 is None:
+            raise UsageError(f"{path}: no int8 model was made from it; make one with rpn export {path} "
+                             f"{path.stem}.int8.onnx --format onnx-int8 --calibration PHOTOS, then pass that file "
+                             "with --checkpoint")
+        return ExportedRegionProposalNetwork(int8, device)
+    if chosen == "onnxruntime":
         read_spec(path)  # a checkpoint of ours, checked before it is hashed and exported
         try:
             exported = onnx_cache_path(path)

@@ -13,15 +13,23 @@ from ..errors import UsageError
 from ..model.backbones import (
     _MOBILENET_V2_STAGE_ENDS,
     _MOBILENET_V2_STAGE_STARTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     TORCHVISION_ARCHS,
     SingleLevelBackbone,
     torchvision_detector,
 )
 from ..model.mobilenet import mobilenet_v2_features
 from ..model.network import RegionProposalNetwork
-from ..model.spec import ModelSpec, seed_project_spec
+from ..model.proposals import ProposalSettings
+from ..model.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneSpec,
+    HeadSpec,
+    LevelSpec,
+    ModelSpec,
+    PreprocessSpec,
+    seed_project_spec,
+)
 from .checkpoint import load_state_strict, read_torch_state_dict, save_checkpoint
 
 
@@ -37,7 +45,6 @@ def convert_seed_project(source: str | Path, destination: str | Path) -> ModelSp
     return spec
 
 
-
 def _import_state(spec: ModelSpec, state: dict, source: Path, imported_prefixes: tuple[str, ...],
                   name_in_source: Callable[[str], str]) -> RegionProposalNetwork:
     """Our model for ``spec`` holding ``state``, another project's state dict whose names for our
@@ -51,14 +58,12 @@ def _import_state(spec: ModelSpec, state: dict, source: Path, imported_prefixes:
     return model
 
 
-
 def _fill_batches_tracked(model: RegionProposalNetwork, tensors: dict) -> None:
     """BatchNorm's ``num_batches_tracked``, unused at inference, is absent from some files (frozen
     BatchNorm, as in torchvision's pretrained detectors, has none): take the model's own."""
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in tensors:
             tensors[key] = value
-
 
 
 def _current_torchvision_layout(state: dict) -> dict:
@@ -73,7 +78,6 @@ def _current_torchvision_layout(state: dict) -> dict:
     return renamed
 
 
-
 def _seed_project_key(key: str) -> str:
     """Our parameter name as the seed project's state dict spells it."""
     if key.startswith("backbone.body."):
@@ -83,7 +87,6 @@ def _seed_project_key(key: str) -> str:
     return key
 
 
-
 def torchvision_spec(arch: str) -> ModelSpec:
     """Our description of a torchvision Faster R-CNN's RPN, read off the model torchvision builds."""
     detector = torchvision_detector(arch)
@@ -91,39 +94,28 @@ def torchvision_spec(arch: str) -> ModelSpec:
     generator = rpn.anchor_generator
     strides = TORCHVISION_ARCHS[arch]
     levels = [
-        {"stride": stride, "sizes": list(sizes), "ratios": list(ratios), "anchors": cells.tolist()}
+        LevelSpec(stride, cells.tolist(), ratios=list(ratios), sizes=list(sizes))
         for stride, sizes, ratios, cells in zip(strides, generator.sizes, generator.aspect_ratios, generator.cell_anchors)
     ]
     return ModelSpec(
-        backbone={"name": "torchvision-fpn", "arch": arch},
+        backbone=BackboneSpec("torchvision-fpn", arch=arch),
         levels=levels,
-        head={"mid_channels": detector.backbone.out_channels, "conv_depth": len(rpn.head.conv)},
+        head=HeadSpec(detector.backbone.out_channels, conv_depth=len(rpn.head.conv)),
         score="sigmoid",
         anchor_stride="image_over_grid",
         box_weights=list(rpn.box_coder.weights),
         delta_clamp=float(rpn.box_coder.bbox_xform_clip),
-        preprocess={
-            "resize": "torchvision",
-            "size": int(transform.min_size[-1]),
-            "max_size": int(transform.max_size),
-            "interpolation": "bilinear",
-            "size_divisible": int(transform.size_divisible),
-            "channel_order": "RGB",
-            "scale": 1.0 / 255.0,
-            "mean": list(transform.image_mean),
-            "std": list(transform.image_std),
-        },
-        proposals={
-            "pre_nms_top_n": int(rpn._pre_nms_top_n["testing"]),
-            "post_nms_top_n": int(rpn._post_nms_top_n["testing"]),
-            "nms_iou": float(rpn.nms_thresh),
-            "min_size": float(rpn.min_size),
-            "min_score": float(rpn.score_thresh),
-            "nms_per_level": True,
-            "top_n_before_filtering": True,
-        },
+        preprocess=PreprocessSpec(
+            size=int(transform.min_size[-1]), resize="torchvision", max_size=int(transform.max_size),
+            size_divisible=int(transform.size_divisible), scale=1.0 / 255.0, mean=list(transform.image_mean),
+            std=list(transform.image_std),
+        ),
+        proposals=ProposalSettings(
+            pre_nms_top_n=int(rpn._pre_nms_top_n["testing"]), post_nms_top_n=int(rpn._post_nms_top_n["testing"]),
+            nms_iou=float(rpn.nms_thresh), min_size=float(rpn.min_size), min_score=float(rpn.score_thresh),
+            nms_per_level=True, top_n_before_filtering=True,
+        ),
     )
-
 
 
 def _torchvision_key(key: str) -> str:
@@ -141,7 +133,6 @@ def _torchvision_key(key: str) -> str:
     return key
 
 
-
 def convert_torchvision(source: str | Path, destination: str | Path, arch: str) -> ModelSpec:
     """Import a torchvision Faster R-CNN state dict (backbone, FPN and RPN; the ROI heads are ignored)."""
     source = Path(source)
@@ -154,7 +145,7 @@ def convert_torchvision(source: str | Path, destination: str | Path, arch: str) 
     return spec
 
 
-def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) -> None:
+def load_imagenet_weights(backbone: nn.Module, description: BackboneSpec, path: Path) -> None:
     """Fill a trunk from torchvision's ImageNet state dict at ``path``: MobileNetV2 for the
     ``mobilenet_v2`` backbones, ResNet-50 for ``resnet50-c4`` (its stem and layer1-3)."""
     from .checkpoint import (  # it imports this module
@@ -162,7 +153,7 @@ def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) ->
         read_torch_state_dict,
     )
 
-    name = description["name"]
+    name = description.name
     if not (name.startswith("mobilenet_v2") or name == "resnet50-c4"):
         raise UsageError(f"ImageNet weights by path are supported for mobilenet_v2 and resnet50-c4 backbones, not {name}")
     state = read_torch_state_dict(Path(path))
@@ -188,7 +179,6 @@ def load_imagenet_weights(backbone: nn.Module, description: dict, path: Path) ->
     else:
         for stage, a, b in zip(backbone.stages, _MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS):
             stage.load_state_dict(reference[a:b].state_dict())
-
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

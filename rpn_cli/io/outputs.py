@@ -8,10 +8,11 @@ import os
 import pickle
 import re
 from pathlib import Path, PurePath
+from typing import TextIO
 
 from PIL import Image
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from ..model.proposals import ImageProposals
 from .files import atomic_write_bytes
 from .images import load_image
@@ -24,7 +25,7 @@ from .tool_formats import (
     label_studio_tasks,
     yolo_lines,
 )
-from .visualize import draw_proposals
+from .visualize import contact_sheet, draw_proposals, thumbnail_with_proposals
 
 # Formats written per image (a file beside each image's name in --out) and collected into one file.
 PER_IMAGE_SUFFIXES = {"json": ".json", "png": ".png", "yolo": ".txt"}
@@ -151,3 +152,67 @@ def write_collected(path: Path, fmt: str, records: list[dict], ids: dict[str, in
 
 def save_png(image: Image.Image, path: Path) -> None:
     atomic_write_bytes(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# A contact sheet's thumbnails: how many, and their size in pixels.
+SHEET_IMAGES, SHEET_TILE = 60, 200
+
+
+def pending_items(items: list[InputImage], out_dir: Path, formats: list[str]) -> tuple[list[InputImage], int]:
+    """(the items whose per-image outputs in ``out_dir`` are not all there yet, how many were), after
+    sweeping the temporaries an interrupted run left: what ``--skip-existing`` resumes."""
+    if out_dir.is_dir():
+        remove_stale_temporaries(out_dir)
+    if not formats:
+        return items, 0
+    remaining = [item for item in items
+                 if not all(path.exists() for path in image_outputs(out_dir, item.relative, formats))]
+    return remaining, len(items) - len(remaining)
+
+
+class ProposalWriter:
+    """Where the records of a run go, one :meth:`write` per image: JSON Lines to ``stream``, per-image
+    files in ``out``, and at :meth:`finish` the files that collect every record and the contact sheet.
+
+    ``formats``: as :func:`parse_formats` gives them; ``image_ids``: COCO ids by given path (collected
+    formats); ``sheet``: a PNG of the first :data:`SHEET_IMAGES` images with their best ``draw_top`` boxes.
+    A closed ``stream`` raises ``BrokenPipeError`` (the caller decides what that means); any other
+    failure to write is an :class:`OutputError`.
+    """
+
+    def __init__(self, *, formats: list[str], out: Path | None = None, stream: TextIO | None = None,
+                 draw_top: int = 10, image_ids: dict[str, int] | None = None, model_version: str = "",
+                 sheet: Path | None = None):
+        self.formats, self.out, self.stream, self.draw_top = formats, out, stream, draw_top
+        self.per_image, self.collected = output_plan(out, formats) if out is not None else ([], {})
+        self.image_ids, self.model_version, self.sheet = image_ids or {}, model_version, sheet
+        self.records: list[dict] = []
+        self.tiles: list[tuple[Image.Image, str]] = []
+
+    def write(self, result: ImageResult) -> None:
+        record = proposal_record(result.item.given, result.proposals)
+        if "jsonl" in self.formats and self.stream is not None:
+            try:
+                self.stream.write(json.dumps(record) + "\n")
+                self.stream.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as error:
+                raise OutputError(f"standard output: cannot write ({error.strerror or error})") from error
+        if self.per_image:
+            write_image_outputs(self.out, result, self.per_image, self.draw_top)
+        if self.collected:
+            self.records.append(record)
+        if self.sheet is not None and len(self.tiles) < SHEET_IMAGES:
+            image = load_image(result.item.given, None)
+            self.tiles.append((thumbnail_with_proposals(image, result.proposals, self.draw_top, SHEET_TILE),
+                               result.item.relative))
+
+    def finish(self, complete: bool = True) -> None:
+        """Write the collected files and the contact sheet (each atomically); a run that stopped early
+        (``complete`` False) writes only the sheet: a collected file would hold part of the images."""
+        if complete:
+            for fmt, target in self.collected.items():
+                write_collected(target, fmt, self.records, self.image_ids, self.model_version)
+        if self.sheet is not None and self.tiles:
+            save_png(contact_sheet(self.tiles, SHEET_TILE), self.sheet)

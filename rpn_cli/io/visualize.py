@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..model.anchors import grid_anchors
 from ..model.proposals import ImageProposals
+from ..model.spec import LevelSpec
 
 _LEVEL_COLOURS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255)]
 
@@ -103,7 +104,7 @@ def contact_sheet(tiles: list[tuple[Image.Image, str]], size: int, columns: int 
     return sheet
 
 
-def draw_anchors(levels: list[dict], canvas: Image.Image, offset: float = 0.0) -> Image.Image:
+def draw_anchors(levels: list[LevelSpec], canvas: Image.Image, offset: float = 0.0) -> Image.Image:
     """Anchor centres of every level as dots over ``canvas`` and each level's shapes at the centre cell
     nearest the middle, one colour per level."""
     picture = canvas.convert("RGB").copy()
@@ -111,19 +112,19 @@ def draw_anchors(levels: list[dict], canvas: Image.Image, offset: float = 0.0) -
     width, height = picture.size
     for number, level in enumerate(levels):
         colour = _LEVEL_COLOURS[number % len(_LEVEL_COLOURS)]
-        stride = float(level["stride"])
+        stride = float(level.stride)
         cols, rows = int(width // stride) + 1, int(height // stride) + 1
         dot = max(1, int(stride // 8))
         for y in range(rows):
             for x in range(cols):
                 cx, cy = (x + offset) * stride, (y + offset) * stride
                 draw.ellipse((cx - dot / 2, cy - dot / 2, cx + dot / 2, cy + dot / 2), fill=colour)
-        shapes = torch.tensor(level["anchors"], dtype=torch.float32)
+        shapes = torch.tensor(level.anchors, dtype=torch.float32)
         centre_x = round(width / 2 / stride - offset) * stride
         centre_y = round(height / 2 / stride - offset) * stride
         placed = grid_anchors(shapes, 1.0, 1, 1, 0.0) + torch.tensor([centre_x, centre_y, centre_x, centre_y])
         for box in placed.tolist():
             draw.rectangle(box, outline=colour, width=2)
-    legend = ", ".join(f"stride {level['stride']}: {len(level['anchors'])} anchors" for level in levels)
+    legend = ", ".join(f"stride {level.stride}: {len(level.anchors)} anchors" for level in levels)
     _caption(draw, legend, width)
     return picture

@@ -5,7 +5,7 @@ feature maps, finest first, with ``strides`` and ``out_channels`` lists, and
 ``channels_last``: whether inference runs it in channels-last memory format
 (measured faster on CPU for MobileNetV2 and ResNet-50 C4; torchvision's detectors
 keep their layout, which also keeps their outputs bit-identical to torchvision's). Builders
-take the backbone's JSON description (``{"name": ..., **options}``) and build
+take the backbone's description (:class:`~rpn_cli.model.spec.BackboneSpec`) and build
 it with random weights; :func:`load_imagenet_weights` fills a trunk from
 torchvision's ImageNet state dict on disk.
 """
@@ -19,10 +19,10 @@ from torch import nn
 
 from ..errors import UsageError
 from .mobilenet import FeaturePyramid, mobilenet_v2_features
+from .spec import BackboneSpec
 
 BackboneBuilder = Callable[[dict], nn.Module]
 # What torchvision's ImageNet trunks were trained on: (RGB / 255 - mean) / std.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _REGISTRY: dict[str, BackboneBuilder] = {}
 
 
@@ -38,9 +38,9 @@ def backbone_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_backbone(description: dict) -> nn.Module:
-    """Build the backbone that ``description["name"]`` names, with random weights."""
-    name = description.get("name")
+def build_backbone(description: BackboneSpec) -> nn.Module:
+    """Build the backbone that ``description.name`` names, with random weights."""
+    name = description.name
     if name not in _REGISTRY:
         raise UsageError(f"unknown backbone {name!r}; known: {', '.join(backbone_names())}")
     return _REGISTRY[name](description)
@@ -97,13 +97,13 @@ def _seed_project_resnet50_c4() -> nn.Sequential:
 
 
 @register_backbone("resnet50-c4")
-def _build_resnet50_c4(description: dict) -> nn.Module:
+def _build_resnet50_c4(description: BackboneSpec) -> nn.Module:
     # Channels-last: 510 -> 435 ms float32, 279 -> 207 ms bfloat16 at 600 x 800 here (BatchNorm folded).
     return SingleLevelBackbone(_seed_project_resnet50_c4(), stride=16, channels=1024, channels_last=True)
 
 
 @register_backbone("vgg16")
-def _build_vgg16(description: dict) -> nn.Module:
+def _build_vgg16(description: BackboneSpec) -> nn.Module:
     from torchvision import models
 
     # features[:30] ends with conv5_3 and its ReLU, before the last max-pool.
@@ -117,17 +117,17 @@ _MOBILENET_V2_STAGE_CHANNELS = (32, 96, 320)
 
 
 @register_backbone("mobilenet_v2")
-def _build_mobilenet_v2(description: dict) -> nn.Module:
+def _build_mobilenet_v2(description: BackboneSpec) -> nn.Module:
     features = mobilenet_v2_features()
     return SingleLevelBackbone(features[: _MOBILENET_V2_STAGE_ENDS[1]], stride=16, channels=96, channels_last=True)
 
 
 @register_backbone("mobilenet_v2_fpn")
-def _build_mobilenet_v2_fpn(description: dict) -> nn.Module:
+def _build_mobilenet_v2_fpn(description: BackboneSpec) -> nn.Module:
     features = mobilenet_v2_features()
     stages = nn.ModuleList(features[a:b] for a, b in zip(_MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS))
     return PyramidBackbone(
-        stages, list(_MOBILENET_V2_STAGE_CHANNELS), [8, 16, 32], int(description.get("fpn_channels", 128))
+        stages, list(_MOBILENET_V2_STAGE_CHANNELS), [8, 16, 32], description.fpn_channels or 128
     )
 
 
@@ -168,7 +168,7 @@ class TorchvisionFPNBackbone(nn.Module):
 
 
 @register_backbone("torchvision-fpn")
-def _build_torchvision_fpn(description: dict) -> nn.Module:
-    return TorchvisionFPNBackbone(description["arch"])
+def _build_torchvision_fpn(description: BackboneSpec) -> nn.Module:
+    return TorchvisionFPNBackbone(description.arch)
 
 

@@ -65,15 +65,15 @@ class RegionProposalNetwork(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = build_backbone(spec.backbone)
-        strides = [int(level["stride"]) for level in spec.levels]
+        strides = [level.stride for level in spec.levels]
         if strides != list(self.backbone.strides):
             raise CheckpointError(
-                f"levels at strides {strides} do not match backbone {spec.backbone['name']} ({self.backbone.strides})"
+                f"levels at strides {strides} do not match backbone {spec.backbone.name} ({self.backbone.strides})"
             )
         score_channels = 1 if spec.score == "sigmoid" else 2
         in_channels = self.backbone.out_channels[0]
-        self.head = RPNHead(in_channels, int(spec.head["mid_channels"]), spec.anchors_per_location, score_channels,
-                            int(spec.head.get("conv_depth", 1)))
+        self.head = RPNHead(in_channels, spec.head.mid_channels, spec.anchors_per_location, score_channels,
+                            spec.head.conv_depth)
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +111,7 @@ def flatten_outputs(spec: ModelSpec, raw: list[torch.Tensor], image_size: tuple[
     for index, level in enumerate(spec.levels):
         score, loc = raw[2 * index], raw[2 * index + 1]
         n, _, height, width = score.shape
-        shapes = torch.tensor(level["anchors"], dtype=torch.float32)
+        shapes = torch.tensor(level.anchors, dtype=torch.float32)
         if spec.score == "sigmoid":
             logits = score.permute(0, 2, 3, 1).reshape(n, -1)
         else:
@@ -120,20 +120,12 @@ def flatten_outputs(spec: ModelSpec, raw: list[torch.Tensor], image_size: tuple[
         if spec.anchor_stride == "image_over_grid":
             stride = (image_size[0] // height, image_size[1] // width)
         else:
-            stride = level["stride"]
+            stride = level.stride
         anchors = cached_grid_anchors(shapes, stride, height, width, spec.anchor_offset, score.device)
         if anchors.shape[0] != deltas.shape[1]:
             raise CheckpointError("anchor grid does not match the head's output")
         outputs.append(LevelOutput(logits, deltas, anchors, height, width))
     return outputs
-
-
-def objectness(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
-    """Objectness probabilities (N, M) in float32 from logits of either score kind."""
-    logits = logits.float()
-    if score_kind == "sigmoid":
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=-1)[..., 1]
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import CheckpointError
+from .spec import PreprocessSpec
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -27,7 +28,7 @@ def _torchvision_scale(width: int, height: int, size: float, max_size: float) ->
     return min(size / min(width, height), max_size / max(width, height))
 
 
-def resized_size(width: int, height: int, preprocess: dict, size: int | None = None) -> tuple[int, int]:
+def resized_size(width: int, height: int, preprocess: PreprocessSpec, size: int | None = None) -> tuple[int, int]:
     """(new_width, new_height) of an image under the description's resize rule.
 
     ``shorter_side``: the shorter side becomes ``size`` and the longer
@@ -38,11 +39,11 @@ def resized_size(width: int, height: int, preprocess: dict, size: int | None = N
     ``GeneralizedRCNNTransform`` does. ``size`` overrides the description's
     (training's scale jitter).
     """
-    rule = preprocess.get("resize")
+    rule = preprocess.resize
     if rule not in RESIZE_RULES:
         raise CheckpointError(f"unknown resize rule {rule!r}")
-    target = int(size if size is not None else preprocess["size"])
-    max_size = preprocess.get("max_size")
+    target = int(size if size is not None else preprocess.size)
+    max_size = preprocess.max_size
     if rule == "torchvision":
         scale = _torchvision_scale(width, height, target, max_size)
         return int(math.floor(width * scale)), int(math.floor(height * scale))
@@ -70,7 +71,7 @@ class PreparedImage:
         return self.resized_size[1] / self.original_size[1]
 
 
-def to_tensor(image: Image.Image, preprocess: dict) -> torch.Tensor:
+def to_tensor(image: Image.Image, preprocess: PreprocessSpec) -> torch.Tensor:
     """RGB PIL image to a normalised (3, H, W) float32 tensor (no resizing).
 
     Computed as torchvision's ``to_tensor`` and ``normalize`` do (divide by
@@ -78,34 +79,34 @@ def to_tensor(image: Image.Image, preprocess: dict) -> torch.Tensor:
     models see the very same numbers.
     """
     array = np.asarray(image, dtype=np.uint8)
-    if preprocess.get("channel_order", "RGB") == "BGR":
+    if preprocess.channel_order == "BGR":
         array = array[:, :, ::-1]
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float()
-    tensor = tensor / (1.0 / float(preprocess.get("scale", 1.0)))
-    mean = torch.tensor(preprocess.get("mean", [0.0, 0.0, 0.0]), dtype=torch.float32)
-    std = torch.tensor(preprocess.get("std", [1.0, 1.0, 1.0]), dtype=torch.float32)
+    tensor = tensor / (1.0 / float(preprocess.scale))
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32)
+    std = torch.tensor(preprocess.std, dtype=torch.float32)
     return (tensor - mean[:, None, None]) / std[:, None, None]
 
 
-def resize_image(image: Image.Image, preprocess: dict, size: int | None = None) -> Image.Image:
+def resize_image(image: Image.Image, preprocess: PreprocessSpec, size: int | None = None) -> Image.Image:
     new_size = resized_size(image.width, image.height, preprocess, size)
     if new_size == image.size:
         return image
-    interpolation = preprocess.get("interpolation", "bilinear")
+    interpolation = preprocess.interpolation
     if interpolation not in _INTERPOLATIONS:
         raise CheckpointError(f"unknown interpolation {interpolation!r}")
     return image.resize(new_size, _INTERPOLATIONS[interpolation])
 
 
-def prepare_image(image: Image.Image, preprocess: dict) -> PreparedImage:
+def prepare_image(image: Image.Image, preprocess: PreprocessSpec) -> PreparedImage:
     """Resize and normalise an RGB image for the model.
 
     ``shorter_side`` resizes the 8-bit image with Pillow, then normalises;
     ``torchvision`` normalises, then resizes the float tensor bilinearly by the
     scale factor, as torchvision's detection transform does.
     """
-    if preprocess.get("resize") == "torchvision":
-        scale = _torchvision_scale(image.width, image.height, preprocess["size"], preprocess["max_size"])
+    if preprocess.resize == "torchvision":
+        scale = _torchvision_scale(image.width, image.height, preprocess.size, preprocess.max_size)
         tensor = F.interpolate(to_tensor(image, preprocess)[None], scale_factor=scale, mode="bilinear",
                                recompute_scale_factor=True, align_corners=False)[0]
         return PreparedImage(tensor, image.size, (tensor.shape[2], tensor.shape[1]))

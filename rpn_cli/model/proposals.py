@@ -43,6 +43,39 @@ class ProposalSettings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ProposalLayer:
+    """The proposal layer of one model: its limits and how its head's outputs read (score kind, box
+    coding); built once from the model description (:meth:`ModelSpec.proposal_layer`), called per image."""
+
+    settings: ProposalSettings
+    score_kind: str = "sigmoid"
+    box_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    delta_clamp: float = DEFAULT_DELTA_CLAMP
+
+    def __call__(self, levels: Sequence, index: int, image_height: int,
+                 image_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes (K, 4) and scores (K,) of image ``index`` of a batch (see :func:`proposals_for_image`).
+
+        levels: the network's per-level outputs (``LevelOutput``: logits (N, M_l) or (N, M_l, 2),
+        deltas (N, M_l, 4), anchors (M_l, 4)); the image is ``image_height x image_width`` resized pixels.
+        """
+        sigmoid = self.score_kind == "sigmoid"
+        scores = [level.logits[index].float() if sigmoid else objectness(level.logits[index], self.score_kind)
+                  for level in levels]
+        return proposals_for_image(scores, [level.deltas[index] for level in levels],
+                                   [level.anchors for level in levels], image_height, image_width, self.settings,
+                                   self.box_weights, self.delta_clamp, scores_are_logits=sigmoid)
+
+
+def objectness(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
+    """Objectness probabilities (..., M) in float32 from logits of either score kind."""
+    logits = logits.float()
+    if score_kind == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)[..., 1]
+
+
 def proposals_for_image(
     scores: Sequence[torch.Tensor],
     deltas: Sequence[torch.Tensor],

@@ -1,125 +1,201 @@
-"""The model description: what a checkpoint stores to rebuild a network and use it correctly."""
+"""The model description: what a checkpoint stores to rebuild a network and use it correctly.
+
+Typed dataclasses, each field's default in one place; stored as JSON inside every checkpoint and
+export (:meth:`ModelSpec.to_dict`), read back with :meth:`ModelSpec.from_dict`, which checks types
+and ranges first (a file is untrusted) and leaves keys it does not know aside. Nothing about a
+checkpoint is guessed at load time.
+"""
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import CheckpointError
 from .anchors import anchor_shapes, seed_project_anchor_shapes
-from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .boxes import DEFAULT_DELTA_CLAMP
-from .proposals import ProposalSettings
+from .proposals import ProposalLayer, ProposalSettings
 
 FORMAT_VERSION = 1
-
-
-
 SCORE_KINDS = ("sigmoid", "softmax2")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Input sides a description may ask for: beyond these a file would make us allocate absurd tensors.
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 8192
 
+
+@dataclass
+class BackboneSpec:
+    """Which trunk (a name in :func:`rpn_cli.model.backbones.backbone_names`) and its options."""
+
+    name: str
+    fpn_channels: int | None = None  # mobilenet_v2_fpn: channels of the feature pyramid (None: 128)
+    arch: str | None = None  # torchvision-fpn: the torchvision detector whose trunk it is
+
+
+@dataclass
+class LevelSpec:
+    """One feature map: its stride and its anchors (A, 4) x1y1x2y2 around a cell's origin, in the order
+    of the head's channels; ``ratios``, ``scales``, ``sizes`` and ``anchor_order`` record how they were made."""
+
+    stride: int
+    anchors: list[list[float]]
+    ratios: list[float] | None = None
+    scales: list[float] | None = None
+    sizes: list[float] | None = None
+    anchor_order: str | None = None
+
+
+@dataclass
+class HeadSpec:
+    mid_channels: int
+    conv_depth: int = 1  # 3x3 convs before the 1x1 outputs
+
+
+@dataclass
+class PreprocessSpec:
+    """From a decoded RGB image to the network's input (see :mod:`rpn_cli.model.preprocess`)."""
+
+    size: int  # the shorter side after resizing
+    resize: str = "shorter_side"  # or "torchvision" (GeneralizedRCNNTransform's rule)
+    max_size: int | None = None  # the longer side's limit
+    interpolation: str = "bilinear"
+    channel_order: str = "RGB"
+    scale: float = 1.0  # pixel values times this, then (x - mean) / std
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    size_divisible: int = 1  # a batch is zero-padded to a multiple of this
 
 
 @dataclass
 class ModelSpec:
-    """Architecture, anchors, preprocessing and provenance of one RPN checkpoint.
+    """Architecture, anchors, preprocessing, proposal limits and provenance of one RPN checkpoint.
 
-    ``levels``: one entry per feature map, finest first, each
-    ``{"stride": int, "anchors": [[x1, y1, x2, y2], ...]}`` in the order of the
-    head's channels. ``score``: ``sigmoid`` (one logit per anchor) or
-    ``softmax2`` (the seed's interleaved background/foreground pairs).
-    ``anchor_stride``: ``nominal`` (each level's stride) or ``image_over_grid``
-    (padded image size // feature map size per axis, as torchvision computes it).
-    ``head``: ``mid_channels`` and optionally ``conv_depth`` (3x3 convs, default 1).
+    ``levels``: one per feature map, finest first. ``score``: ``sigmoid`` (one logit per anchor) or
+    ``softmax2`` (the seed's interleaved background/foreground pairs). ``anchor_stride``: ``nominal``
+    (each level's stride) or ``image_over_grid`` (padded image size // feature map size per axis, as
+    torchvision computes it). ``provenance``: free-form, how the weights were made.
     """
 
-    backbone: dict
-    levels: list[dict]
-    head: dict
-    preprocess: dict
+    backbone: BackboneSpec
+    levels: list[LevelSpec]
+    head: HeadSpec
+    preprocess: PreprocessSpec
     score: str = "sigmoid"
     anchor_offset: float = 0.0
     anchor_stride: str = "nominal"
     box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     delta_clamp: float = DEFAULT_DELTA_CLAMP
-    proposals: dict = field(default_factory=lambda: ProposalSettings().to_dict())
+    proposals: ProposalSettings = field(default_factory=ProposalSettings)
     provenance: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self.__dict__)
+        """The JSON form (unset optional fields of the backbone and levels left out)."""
+        data = asdict(self)
+        data["backbone"] = _without_none(data["backbone"])
+        data["levels"] = [_without_none(level) for level in data["levels"]]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "checkpoint") -> "ModelSpec":
-        required = ("backbone", "levels", "head", "preprocess")
-        missing = [key for key in required if key not in data]
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: model description must be an object")
+        missing = [key for key in ("backbone", "levels", "head", "preprocess") if key not in data]
         if missing:
             raise CheckpointError(f"{source}: model description lacks {', '.join(missing)}")
         if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise CheckpointError(f"{source}: written by a newer rpn (format {data['format_version']})")
-        known = set(cls.__dataclass_fields__)
-        spec = cls(**{key: value for key, value in data.items() if key in known})
-        problem = _description_problem(spec)
+        problem = _description_problem(data)
         if problem:
             raise CheckpointError(f"{source}: model description: {problem}")
-        return spec
+        top = _known(cls, data)
+        top["backbone"] = BackboneSpec(**_known(BackboneSpec, data["backbone"]))
+        top["levels"] = [LevelSpec(**_known(LevelSpec, level)) for level in data["levels"]]
+        top["head"] = HeadSpec(**_known(HeadSpec, data["head"]))
+        top["preprocess"] = PreprocessSpec(**_known(PreprocessSpec, data["preprocess"]))
+        if "proposals" in top:
+            top["proposals"] = ProposalSettings(**_known(ProposalSettings, data["proposals"]))
+        return cls(**top)
 
     @property
     def anchors_per_location(self) -> int:
-        return len(self.levels[0]["anchors"])
+        return len(self.levels[0].anchors)
 
     def proposal_settings(self, **overrides) -> ProposalSettings:
-        values = {**self.proposals, **{k: v for k, v in overrides.items() if v is not None}}
-        return ProposalSettings(**values).validated()
+        """The stored limits with the given ones (None: keep the stored) in their place, checked."""
+        return replace(self.proposals, **{k: v for k, v in overrides.items() if v is not None}).validated()
+
+    def proposal_layer(self, **overrides) -> ProposalLayer:
+        """The proposal layer of this model, with :meth:`proposal_settings`'s limits; built once per run."""
+        return ProposalLayer(self.proposal_settings(**overrides), self.score, tuple(self.box_weights),
+                             float(self.delta_clamp))
 
 
+def _without_none(values: dict) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
 
-# Input sides a description may ask for: beyond these a file would make us allocate absurd tensors.
-MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 8192
 
+def _known(kind: type, values: dict) -> dict:
+    """The entries of ``values`` that are fields of the dataclass ``kind`` (a newer file may hold more)."""
+    names = {f.name for f in fields(kind)}
+    return {key: value for key, value in values.items() if key in names}
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-
-def _description_problem(spec: ModelSpec) -> str | None:
+def _description_problem(data: dict) -> str | None:
     """What is wrong with a description read from a file (types and ranges), or None."""
     for name in ("backbone", "head", "preprocess", "proposals", "provenance"):
-        if not isinstance(getattr(spec, name), dict):
+        if not isinstance(data.get(name, {}), dict):
             return f"{name} must be an object"
-    if not isinstance(spec.backbone.get("name"), str):
+    if not isinstance(data["backbone"].get("name"), str):
         return "backbone needs a name"
-    if not isinstance(spec.levels, list) or not spec.levels:
+    levels = data["levels"]
+    if not isinstance(levels, list) or not levels:
         return "levels must be a non-empty list"
-    for number, level in enumerate(spec.levels):
+    for number, level in enumerate(levels):
         if not isinstance(level, dict) or not isinstance(level.get("stride"), int) or level["stride"] < 1:
             return f"levels[{number}] needs a positive whole 'stride'"
         anchors = level.get("anchors")
         if not isinstance(anchors, list) or not anchors or not all(
                 isinstance(box, list) and len(box) == 4 and all(map(_is_number, box)) for box in anchors):
             return f"levels[{number}] needs 'anchors', a list of [x1, y1, x2, y2] numbers"
-    counts = {len(level["anchors"]) for level in spec.levels}
+    counts = {len(level["anchors"]) for level in levels}
     if len(counts) != 1:
         return f"every level needs the same number of anchors, got {sorted(counts)}"
-    if spec.score not in SCORE_KINDS:
-        return f"unknown score kind {spec.score!r}"
-    mid = spec.head.get("mid_channels")
+    if data.get("score", "sigmoid") not in SCORE_KINDS:
+        return f"unknown score kind {data.get('score')!r}"
+    mid = data["head"].get("mid_channels")
     if not isinstance(mid, int) or not 1 <= mid <= 4096:
         return "head.mid_channels must be a whole number from 1 to 4096"
+    depth = data["head"].get("conv_depth", 1)
+    if not isinstance(depth, int) or not 1 <= depth <= 16:
+        return "head.conv_depth must be a whole number from 1 to 16"
+    preprocess = data["preprocess"]
     for key in ("size", "max_size"):
-        value = spec.preprocess.get(key)
+        value = preprocess.get(key)
         if (key == "size" or value is not None) and not (
                 _is_number(value) and MIN_INPUT_SIDE <= value <= MAX_INPUT_SIDE):
             return f"preprocess.{key} must be a number of pixels from {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}, got {value!r}"
-    if not (isinstance(spec.box_weights, list) and len(spec.box_weights) == 4 and all(map(_is_number, spec.box_weights))):
+    for key in ("mean", "std"):
+        value = preprocess.get(key, [0.0, 0.0, 0.0])
+        if not (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))):
+            return f"preprocess.{key} must be 3 numbers"
+    if not all(_is_number(preprocess.get(key, 1)) for key in ("scale", "size_divisible")):
+        return "preprocess.scale and preprocess.size_divisible must be numbers"
+    box_weights = data.get("box_weights", [1.0] * 4)
+    if not (isinstance(box_weights, list) and len(box_weights) == 4 and all(map(_is_number, box_weights))):
         return "box_weights must be 4 numbers"
-    if not _is_number(spec.delta_clamp) or not _is_number(spec.anchor_offset):
+    if not _is_number(data.get("delta_clamp", 0.0)) or not _is_number(data.get("anchor_offset", 0.0)):
         return "delta_clamp and anchor_offset must be numbers"
+    proposals = data.get("proposals", {})
+    numbers = {f.name for f in fields(ProposalSettings) if f.type in ("int", "float")}
+    if not all(_is_number(value) for key, value in proposals.items() if key in numbers):
+        return "proposals limits must be numbers"
     return None
-
 
 
 def default_mobilenet_spec(
@@ -131,53 +207,32 @@ def default_mobilenet_spec(
     max_size: int = 853,
 ) -> ModelSpec:
     """The architecture of the shipped default: MobileNetV2 + FPN at strides 8/16/32."""
-    strides = (8, 16, 32)
     levels = []
-    for stride, sizes in zip(strides, sizes_per_level):
+    for stride, sizes in zip((8, 16, 32), sizes_per_level):
         scales = [size / stride for size in sizes]
-        levels.append({"stride": stride, "ratios": list(ratios), "scales": scales,
-                       "anchors": anchor_shapes(stride, ratios, scales).tolist()})
+        levels.append(LevelSpec(stride, anchor_shapes(stride, ratios, scales).tolist(), list(ratios), scales))
     return ModelSpec(
-        backbone={"name": "mobilenet_v2_fpn", "fpn_channels": fpn_channels},
+        backbone=BackboneSpec("mobilenet_v2_fpn", fpn_channels=fpn_channels),
         levels=levels,
-        head={"mid_channels": mid_channels},
+        head=HeadSpec(mid_channels),
         score="sigmoid",
         preprocess=imagenet_preprocess(shorter_side, max_size),
     )
 
 
-
-def imagenet_preprocess(shorter_side: int, max_size: int | None, interpolation: str = "bilinear") -> dict:
-    return {
-        "resize": "shorter_side",
-        "size": shorter_side,
-        "max_size": max_size,
-        "interpolation": interpolation,
-        "channel_order": "RGB",
-        "scale": 1.0 / 255.0,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
-
+def imagenet_preprocess(shorter_side: int, max_size: int | None, interpolation: str = "bilinear") -> PreprocessSpec:
+    return PreprocessSpec(size=shorter_side, max_size=max_size, interpolation=interpolation, scale=1.0 / 255.0,
+                          mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
 
 def seed_project_spec() -> ModelSpec:
     """The seed project's ResNet-50 C4 RPN with its conventions (notes: 'original project')."""
     ratios, scales = [0.5, 1.0, 2.0], [8.0, 16.0, 32.0]
     return ModelSpec(
-        backbone={"name": "resnet50-c4"},
-        levels=[{"stride": 16, "ratios": ratios, "scales": scales, "anchor_order": "seed-project (x/y transposed)",
-                 "anchors": seed_project_anchor_shapes(16, ratios, scales).tolist()}],
-        head={"mid_channels": 512},
+        backbone=BackboneSpec("resnet50-c4"),
+        levels=[LevelSpec(16, seed_project_anchor_shapes(16, ratios, scales).tolist(), ratios, scales,
+                          anchor_order="seed-project (x/y transposed)")],
+        head=HeadSpec(512),
         score="softmax2",
-        preprocess={
-            "resize": "shorter_side",
-            "size": 600,
-            "max_size": None,
-            "interpolation": "bicubic",
-            "channel_order": "RGB",
-            "scale": 1.0 / 255.0,
-            "mean": [0.0, 0.0, 0.0],
-            "std": [1.0, 1.0, 1.0],
-        },
+        preprocess=PreprocessSpec(size=600, interpolation="bicubic", scale=1.0 / 255.0),
     )

@@ -287,8 +287,9 @@ class _Run:
     @property
     def setup(self) -> str:
         """What a saved run must agree on to be continued: the model, and which of its weights train."""
-        return json.dumps({"backbone": self.spec.backbone, "levels": self.spec.levels, "from_scratch": self.from_scratch,
-                           "fixed_blocks": self.fixed_blocks}, sort_keys=True)
+        description = self.spec.to_dict()
+        return json.dumps({"backbone": description["backbone"], "levels": description["levels"],
+                           "from_scratch": self.from_scratch, "fixed_blocks": self.fixed_blocks}, sort_keys=True)
 
 
 def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
@@ -356,7 +357,7 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
     # A trunk from scratch has no statistics to keep: its BatchNorm layers learn them (in training mode).
     from_scratch = not config.init_checkpoint and not config.backbone_weights
     if from_scratch:
-        report(TrainEvent("warning", message=f"{spec.backbone['name']}: no ImageNet weights or --init, "
+        report(TrainEvent("warning", message=f"{spec.backbone.name}: no ImageNet weights or --init, "
                                              "so the trunk trains from scratch (BatchNorm included)"))
     else:
         _frozen_batchnorm(model.backbone)
@@ -396,7 +397,7 @@ def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: tor
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     rng = random.Random(config.seed * 1000 + epoch)
     order = torch.randperm(len(run.samples), generator=generator).tolist()
-    size_divisible = int(spec.preprocess.get("size_divisible", 1))
+    size_divisible = spec.preprocess.size_divisible
     sums = {"objectness": 0.0, "box": 0.0}
     for step in range(run.steps_per_epoch):
         chosen = [run.samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]

@@ -12,6 +12,8 @@ import pytest
 from conftest import ROOT, SAMPLES, run_rpn
 
 pytest.importorskip("ray.data", reason="Ray is the optional ray extra")
+# Each starts a local Ray (tens of seconds on 2 cores): in the heavy run, which CI runs too.
+pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_seed_project_import_matches_the_seed_algorithm(tmp_path):
     expected, expected_scores, (new_w, new_h) = seed_rpn_proposals(image, extractor, rpn)
     assert resized_size(image.width, image.height, model.spec.preprocess) == (new_w, new_h) == (900, 600)
 
-    ours = proposals_for_batch(model, [prepare_image(image, model.spec.preprocess)], model.spec.proposal_settings())[0]
+    ours = proposals_for_batch(model, [prepare_image(image, model.spec.preprocess)], model.spec.proposal_layer())[0]
     assert ours.boxes.shape[0] == expected.shape[0] > 0
     scale_x, scale_y = new_w / image.width, new_h / image.height
     expected_original = expected / torch.tensor([scale_x, scale_y, scale_x, scale_y])
@@ -106,16 +106,16 @@ def _brightness_backbone(description):
 
 
 def _bright_cell_model(tmp_path):
-    spec = ModelSpec(
-        backbone={"name": "test-brightness"},
-        levels=[{"stride": 16, "anchors": [[-16.0, -16.0, 16.0, 16.0]]}],
-        head={"mid_channels": 1},
-        preprocess={"resize": "shorter_side", "size": 64, "max_size": None, "interpolation": "nearest",
-                     "channel_order": "RGB", "scale": 1 / 255, "mean": [0, 0, 0], "std": [1, 1, 1]},
-        anchor_offset=0.5,
-        proposals={"pre_nms_top_n": 3000, "post_nms_top_n": 300, "nms_iou": 0.99, "min_size": 1.0,
-                   "min_score": 0.5, "nms_per_level": False},
-    )
+    spec = ModelSpec.from_dict({
+        "backbone": {"name": "test-brightness"},
+        "levels": [{"stride": 16, "anchors": [[-16.0, -16.0, 16.0, 16.0]]}],
+        "head": {"mid_channels": 1},
+        "preprocess": {"resize": "shorter_side", "size": 64, "max_size": None, "interpolation": "nearest",
+                       "channel_order": "RGB", "scale": 1 / 255, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        "anchor_offset": 0.5,
+        "proposals": {"pre_nms_top_n": 3000, "post_nms_top_n": 300, "nms_iou": 0.99, "min_size": 1.0,
+                      "min_score": 0.5, "nms_per_level": False},
+    })
     model = RegionProposalNetwork(spec)
     with torch.no_grad():
         model.head.conv1.weight.zero_()
@@ -144,7 +144,7 @@ def test_bright_rectangle_maps_back_to_original_pixels(tmp_path, size, cell):
     y1, y2 = int(np.ceil(cy * 16 / scale_y)), int(np.ceil((cy + 1) * 16 / scale_y))
     array[y1:y2, x1:x2] = 255
     result = proposals_for_batch(model, [prepare_image(Image.fromarray(array), model.spec.preprocess)],
-                                 model.spec.proposal_settings())[0]
+                                 model.spec.proposal_layer())[0]
     assert result.boxes.shape[0] == 1
     centre_x, centre_y = (cx + 0.5) * 16, (cy + 0.5) * 16
     resized_box = np.clip([centre_x - 16, centre_y - 16, centre_x + 16, centre_y + 16], 0, [new_w, new_h, new_w, new_h])
@@ -159,7 +159,7 @@ def test_batch_clips_each_image_to_its_own_size(tmp_path):
     wide = Image.fromarray(np.full((64, 256, 3), 255, np.uint8))
     small = Image.fromarray(np.full((64, 64, 3), 255, np.uint8))
     prepared = [prepare_image(image, model.spec.preprocess) for image in (wide, small)]
-    results = proposals_for_batch(model, prepared, model.spec.proposal_settings())
+    results = proposals_for_batch(model, prepared, model.spec.proposal_layer())
     assert results[1].boxes.shape[0] == 16
     assert float(results[1].boxes[:, 2].max()) <= 64 and float(results[1].boxes[:, 3].max()) <= 64
     assert float(results[0].boxes[:, 2].max()) == 256
@@ -171,3 +171,37 @@ def test_spec_json_is_complete(tmp_path):
     for key in ("backbone", "levels", "head", "score", "anchor_offset", "preprocess", "provenance", "box_weights"):
         assert key in data
     assert json.loads(json.dumps(data)) == data
+
+
+def test_a_checkpoint_written_before_the_typed_description_reads_back_unchanged(default_checkpoint):
+    # The shipped file was written by the dict-based description: its JSON must come back key for key.
+    from safetensors import safe_open
+
+    from rpn_cli.io.checkpoint import METADATA_KEY, read_spec
+
+    with safe_open(str(default_checkpoint), "pt") as handle:
+        stored = json.loads(handle.metadata()[METADATA_KEY])
+    spec = read_spec(default_checkpoint)
+    assert spec.preprocess.size == stored["preprocess"]["size"] and spec.levels[0].stride == stored["levels"][0]["stride"]
+    now = spec.to_dict()
+    assert set(now) == set(stored)
+    for key, value in stored.items():
+        if not isinstance(value, dict):
+            assert now[key] == value, key
+            continue
+        assert {k: now[key][k] for k in value} == value, key  # nothing lost or changed
+        added = {k: v for k, v in now[key].items() if k not in value}
+        defaults = {"head": {"conv_depth": 1}, "preprocess": {"size_divisible": 1},
+                    "proposals": {"top_n_before_filtering": False}}  # fields newer than the file
+        assert added == defaults.get(key, {}), key
+    assert ModelSpec.from_dict(now).to_dict() == now
+
+
+def test_a_description_with_a_key_this_version_does_not_know_still_loads():
+    from rpn_cli.model.spec import ModelSpec, default_mobilenet_spec
+
+    data = default_mobilenet_spec().to_dict()
+    data["head"]["from_the_future"] = 1
+    data["levels"][0]["also_new"] = "x"
+    spec = ModelSpec.from_dict(data)
+    assert spec.head.mid_channels == 128 and spec.to_dict() == default_mobilenet_spec().to_dict()

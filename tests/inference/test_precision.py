@@ -16,11 +16,11 @@ from rpn_cli.model.preprocess import prepare_image
 def test_bfloat16_proposals_stay_close_to_float32(default_checkpoint):
     full = load_model(default_checkpoint, "cpu", "float32")
     reduced = load_model(default_checkpoint, "cpu", "bfloat16")
-    settings = full.spec.proposal_settings()
+    proposal_layer = full.spec.proposal_layer()
     for sample in sorted(SAMPLES.glob("*.jpg")):
         prepared = prepare_image(load_image(sample), full.spec.preprocess)
-        exact = proposals_for_batch(full, [prepared], settings)[0]
-        approx = proposals_for_batch(reduced, [prepared], settings)[0]
+        exact = proposals_for_batch(full, [prepared], proposal_layer)[0]
+        approx = proposals_for_batch(reduced, [prepared], proposal_layer)[0]
         assert approx.boxes.dtype == torch.float32  # decoding and NMS stay float32
         top = exact.boxes[:100]
         overlap, match = box_iou(top, approx.boxes).max(dim=1)

@@ -321,8 +321,8 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
     assert scratch.exit_code == 0, scratch.output
     assert "trains from scratch" in scratch.output
     model = load_checkpoint(tmp_path / "scratch" / "final.safetensors", "cpu")
-    assert model.spec.backbone == {"name": "resnet50-c4"} and model.spec.score == "softmax2"
-    assert model.spec.preprocess["size"] == 96 and model.spec.preprocess["interpolation"] == "bicubic"
+    assert model.spec.backbone.name == "resnet50-c4" and model.spec.score == "softmax2"
+    assert model.spec.preprocess.size == 96 and model.spec.preprocess.interpolation == "bicubic"
     assert model.spec.provenance["config"]["freeze_blocks"] == 0
     assert model.spec.provenance["config"]["train_sizes"] == [80, 96]
     # From scratch, BatchNorm learns its statistics (they start at mean 0).

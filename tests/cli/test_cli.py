@@ -56,7 +56,7 @@ def test_propose_jsonl_matches_the_library_in_original_pixels(checkpoint):
         assert boxes[:, [0, 2]].max() <= record["width"] and boxes[:, [1, 3]].max() <= record["height"]
         assert boxes.min() >= 0 and np.all(boxes[:, 2] >= boxes[:, 0]) and np.all(boxes[:, 3] >= boxes[:, 1])
         expected = proposals_for_batch(model, [prepare_image(load_image(path), model.spec.preprocess)],
-                                       model.spec.proposal_settings())[0]
+                                       model.spec.proposal_layer())[0]
         np.testing.assert_allclose(boxes, expected.boxes.numpy(), atol=0.006)
         np.testing.assert_allclose(scores, expected.scores.numpy(), atol=1e-6)
 

@@ -120,12 +120,12 @@ def test_the_engine_gives_the_same_proposals_with_images_decoded_ahead(small_che
     from rpn_cli.inference.runtime import load_model
 
     model = load_model(small_checkpoint, "cpu")
-    settings = model.spec.proposal_settings()
+    proposal_layer = model.spec.proposal_layer()
     items = _inputs(sorted(SAMPLES.glob("*.jpg")) + [SAMPLES / "missing.jpg"])
-    plain = list(propose_images(items, model, settings))
+    plain = list(propose_images(items, model, proposal_layer))
     ahead = DecodeAhead(items, max_images=2)
     try:
-        early = list(propose_images(items, model, settings, decoded_ahead=ahead))
+        early = list(propose_images(items, model, proposal_layer, decoded_ahead=ahead))
     finally:
         ahead.close()
     assert [r.item.given for r in early] == [r.item.given for r in plain]
@@ -157,9 +157,9 @@ def test_batching_changes_speed_not_answers(small_checkpoint, tmp_path, precisio
         paths.append(tmp_path / f"{index}-{name}.jpg")
         shutil.copy(SAMPLES / f"{name}.jpg", paths[-1])
     model = load_model(small_checkpoint, "cpu", precision)
-    settings = model.spec.proposal_settings()
-    one = list(propose_images(_inputs(paths), model, settings, batch_size=1))
-    four = list(propose_images(_inputs(paths), model, settings, batch_size=4))
+    proposal_layer = model.spec.proposal_layer()
+    one = list(propose_images(_inputs(paths), model, proposal_layer, batch_size=1))
+    four = list(propose_images(_inputs(paths), model, proposal_layer, batch_size=4))
     assert [r.item.given for r in four] == [str(p) for p in paths]
     for a, b in zip(one, four):
         assert torch.equal(a.proposals.boxes, b.proposals.boxes) and torch.equal(a.proposals.scores, b.proposals.scores)

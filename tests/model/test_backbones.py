@@ -18,6 +18,7 @@ from rpn_cli.model.mobilenet import FeaturePyramid, mobilenet_v2_features
 from rpn_cli.model.network import RegionProposalNetwork
 from rpn_cli.model.preprocess import prepare_image
 from rpn_cli.model.spec import (
+    BackboneSpec,
     default_mobilenet_spec,
     imagenet_preprocess,
     seed_project_spec,
@@ -64,8 +65,8 @@ def test_imagenet_weights_load_into_our_trunk(tmp_path):
     torch.manual_seed(1)
     reference = mobilenet_v2(weights=None)
     torch.save(reference.state_dict(), tmp_path / "mobilenet_v2.pth")
-    backbone = build_backbone({"name": "mobilenet_v2_fpn", "fpn_channels": 64})
-    load_imagenet_weights(backbone, {"name": "mobilenet_v2_fpn"}, tmp_path / "mobilenet_v2.pth")
+    backbone = build_backbone(BackboneSpec("mobilenet_v2_fpn", fpn_channels=64))
+    load_imagenet_weights(backbone, BackboneSpec("mobilenet_v2_fpn"), tmp_path / "mobilenet_v2.pth")
     stage_two = backbone.stages[1].state_dict()
     assert stage_two and all(torch.equal(value, reference.state_dict()[f"features.{key}"])
                              for key, value in stage_two.items())
@@ -83,8 +84,8 @@ def test_resnet50_imagenet_weights_fill_the_c4_trunk(tmp_path):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
     torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
-    backbone = build_backbone({"name": "resnet50-c4"}).eval()
-    load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "resnet50.pth")
+    backbone = build_backbone(BackboneSpec("resnet50-c4")).eval()
+    load_imagenet_weights(backbone, BackboneSpec("resnet50-c4"), tmp_path / "resnet50.pth")
     layer3 = backbone.body[6]
     assert torch.equal(layer3[5].conv3.weight, reference.layer3[5].conv3.weight)
     assert torch.equal(layer3[5].bn3.running_var, reference.layer3[5].bn3.running_var)
@@ -102,10 +103,10 @@ def test_resnet50_imagenet_weights_fill_the_c4_trunk(tmp_path):
     torch.save(mobilenet_v2(weights=None).state_dict(), tmp_path / "mobilenet_v2.pth")
     with pytest.raises(CheckpointError, match=r"mobilenet_v2\.pth \(torchvision ResNet-50 ImageNet weights\): "
                                               r"missing key conv1\.weight \(and \d+ more\)"):
-        load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "mobilenet_v2.pth")
+        load_imagenet_weights(backbone, BackboneSpec("resnet50-c4"), tmp_path / "mobilenet_v2.pth")
     (tmp_path / "text.pth").write_text("not a state dict")
     with pytest.raises(CheckpointError, match=r"text\.pth: not a readable PyTorch state dict"):
-        load_imagenet_weights(backbone, {"name": "resnet50-c4"}, tmp_path / "text.pth")
+        load_imagenet_weights(backbone, BackboneSpec("resnet50-c4"), tmp_path / "text.pth")
 
 
 def test_propose_with_our_checkpoints_does_not_import_torchvision(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import SAMPLES
 
-from rpn_cli.inference import backends
 from rpn_cli.errors import UsageError
+from rpn_cli.inference import backends
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 OURS, EXPORTED = Path("model.safetensors"), Path("model.onnx")
@@ -29,6 +29,34 @@ def test_auto_picks_by_the_cpus_features(monkeypatch, bfloat16, onnx_extra, devi
     assert backends.resolve_backend("auto", device, precision, checkpoint) == expected
 
 
+@pytest.mark.parametrize("bfloat16, device, precision, expected", [
+    (True, CPU, "auto", "onnxruntime-int8"),    # int8 beats bfloat16 PyTorch where both exist
+    (False, CPU, "auto", "onnxruntime-int8"),
+    (False, CPU, "float32", "onnxruntime"),     # asked for float32: not int8
+    (True, CPU, "bfloat16", "torch"),
+    (False, CUDA, "auto", "torch"),             # int8 here is a CPU model
+])
+def test_auto_picks_int8_where_the_checkpoint_has_it(monkeypatch, bfloat16, device, precision, expected):
+    monkeypatch.setattr(backends, "cpu_has_bfloat16", lambda: bfloat16)
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: True)
+    monkeypatch.setattr(backends, "int8_model_for", lambda checkpoint: Path("model.int8.onnx"))
+    assert backends.resolve_backend("auto", device, precision, OURS) == expected
+
+
+def test_the_shipped_int8_model_goes_with_the_shipped_checkpoints_bytes(tmp_path, small_checkpoint):
+    from conftest import DEFAULT_CHECKPOINT
+
+    copy = tmp_path / "renamed.safetensors"
+    copy.write_bytes(DEFAULT_CHECKPOINT.read_bytes())
+    assert backends.int8_model_for(DEFAULT_CHECKPOINT) == backends.DEFAULT_INT8
+    assert backends.int8_model_for(copy) == backends.DEFAULT_INT8
+    assert backends.int8_model_for(small_checkpoint) is None
+    with pytest.raises(UsageError, match="runs on the CPU"):
+        backends.resolve_backend("onnxruntime-int8", CUDA, "auto", OURS)
+    with pytest.raises(UsageError, match="runs int8, not --precision float16"):
+        backends.resolve_backend("onnxruntime-int8", CPU, "float16", OURS)
+
+
 def test_explicit_backends_and_refusals(monkeypatch):
     monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)
     assert backends.resolve_backend("torch", CPU, "auto", OURS) == "torch"
@@ -40,6 +68,7 @@ def test_explicit_backends_and_refusals(monkeypatch):
         backends.resolve_backend("tensorrt", CPU, "auto", OURS)
 
 
+@pytest.mark.heavy  # exports the model to ONNX: ~25 s
 def test_onnxruntime_gives_pytorchs_proposals_and_builds_once(small_checkpoint, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
