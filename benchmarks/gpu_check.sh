@@ -34,7 +34,7 @@ fi
     echo '## cuda tests'
     echo
     echo '```'
-    timeout 180 "$python" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs 2>&1 | tail -15
+    timeout 180 "$python" -m pytest -q -m cuda -p no:cacheprovider tests/inference/test_cuda.py -rs 2>&1 | tail -15
     echo '```'
     echo
     echo '## Throughput (benchmarks/benchmark_gpu.py)'
