@@ -43,6 +43,8 @@ def export(
                 err.print(f"warning: {item.given}: {item.problem}", markup=False, highlight=False, soft_wrap=True)
             else:
                 photos.append(Path(item.given))
+        if calibration and not photos:
+            raise UsageError("no readable calibration photos")
         used = export_model(checkpoint_or_default(checkpoint), destination, export_format, calibration=photos,
                             calibration_count=calibration_count, on_skipped=_warn_skipped)
     except RpnError as error:

@@ -294,6 +294,8 @@ class _Run:
 
 def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
     """Train (or resume) and write ``work_dir/final.safetensors``; returns the last validation report."""
+    if config.soft_targets and (config.teacher is None or spec.score != "sigmoid"):
+        raise UsageError("--soft-targets needs --teacher and a model with sigmoid scores")
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed)
@@ -333,8 +335,6 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
         complete = sum(image.labelled and image.categories is None for image in images)
         validation_count = min(config.validation_count, max(complete - 1, 0))
         train_images, validation = split_validation(images, validation_count, config.seed)
-    if config.soft_targets and (config.teacher is None or spec.score != "sigmoid"):
-        raise UsageError("--soft-targets needs --teacher and a model with sigmoid scores")
     teacher = YoloxTeacher(config.teacher) if config.teacher else None
     incomplete = sum(not image.labelled or image.categories is not None for image in train_images)
     if teacher is None and incomplete:

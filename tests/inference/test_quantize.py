@@ -66,6 +66,10 @@ def test_export_int8_needs_calibration_photos(small_checkpoint, tmp_path):
     result = run_rpn("export", small_checkpoint, tmp_path / "int8.onnx", "--format", "onnx-int8")
     assert result.returncode == 2 and "needs --calibration" in result.stderr
     assert not (tmp_path / "int8.onnx").exists()
+    result = run_rpn("export", small_checkpoint, tmp_path / "int8.onnx", "--format", "onnx-int8",
+                     "--calibration", tmp_path / "absent")
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == "error: no readable calibration photos"
+    assert not (tmp_path / "int8.onnx").exists()
 
 
 @pytest.mark.heavy

@@ -366,6 +366,10 @@ def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_p
     runner = CliRunner()
     no_teacher = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "work")])
     assert no_teacher.exit_code == 2 and "--partial needs --teacher" in no_teacher.output
+    soft = runner.invoke(app, ["train", str(folder / "instances.json"), "--soft-targets", "--work-dir",
+                               str(tmp_path / "soft")])
+    assert soft.exit_code == 2 and "--soft-targets needs --teacher" in soft.output
+    assert not (tmp_path / "soft").exists()  # refused before anything is written
     both = runner.invoke(app, ["train", *common, "--validation", "3", "--teacher", str(teacher_model),
                                "--work-dir", str(tmp_path / "work")])
     assert both.exit_code == 2 and "--validation and --validation-set: choose one" in both.output
