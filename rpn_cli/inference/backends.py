@@ -8,7 +8,6 @@ ONNX Runtime in float32. ``auto`` follows that. An int8 model is made and calibr
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..io.files import file_sha256
 from ..weights import DEFAULT_CHECKPOINT, DEFAULT_INT8
 
 BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
@@ -76,9 +76,8 @@ def cache_dir() -> Path:
 
 def onnx_cache_path(checkpoint: Path) -> Path:
     """The cached ONNX export of ``checkpoint``: named by the file's content and the torch that exported it."""
-    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
+    digest = file_sha256(checkpoint)[:16]
     return cache_dir() / "onnx" / f"{digest}-torch{torch.__version__.split('+')[0]}.onnx"
-
 
 
 def int8_model_for(checkpoint: Path) -> Path | None:
@@ -86,10 +85,9 @@ def int8_model_for(checkpoint: Path) -> Path | None:
     that the int8 file was made from them), and ONNX Runtime is installed; else None."""
     if not (DEFAULT_INT8.is_file() and DEFAULT_CHECKPOINT.is_file() and onnxruntime_installed()):
         return None
-    same = Path(checkpoint).resolve() == DEFAULT_CHECKPOINT or (
-        Path(checkpoint).is_file() and _digest(checkpoint) == _digest(DEFAULT_CHECKPOINT))
+    checkpoint = Path(checkpoint)
+    # The shipped path itself (the usual case) needs no hashing; another file only when the sizes agree.
+    same = checkpoint.resolve() == DEFAULT_CHECKPOINT or (
+        checkpoint.is_file() and checkpoint.stat().st_size == DEFAULT_CHECKPOINT.stat().st_size
+        and file_sha256(checkpoint) == file_sha256(DEFAULT_CHECKPOINT))
     return DEFAULT_INT8 if same else None
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -9,7 +9,7 @@ in about half its time on the CPU measured.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from ..errors import ImageError, UsageError
 from ..io.checkpoint import METADATA_KEY
-from ..io.files import atomic_write_bytes
+from ..io.files import atomic_write_bytes, file_sha256
 from ..io.images import load_image
 from ..model.preprocess import pad_batch, prepare_image
 from ..model.spec import ModelSpec
@@ -55,14 +55,17 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
     first = next(inputs, None)
     if first is None:
         raise UsageError("no readable calibration photos")
-    used = 0
 
     class Photos(CalibrationDataReader):
+        def __init__(self):
+            self.stream, self.used = itertools.chain([first], inputs), 0
+
         def get_next(self):
-            nonlocal first, used
-            item, first = (first, None) if first is not None else (next(inputs, None), None)
-            used += item is not None
+            item = next(self.stream, None)
+            self.used += item is not None
             return item
+
+    photos = Photos()
 
     with tempfile.TemporaryDirectory(prefix="rpn-int8-") as work:
         prepared = Path(work) / "prepared.onnx"
@@ -72,19 +75,19 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
         float_nodes = [node.name for node in graph.node
                        if node.op_type == "Conv" and node.input[1].endswith(FLOAT_WEIGHTS)]
         quantized = Path(work) / "int8.onnx"
-        quantize_static(str(prepared), str(quantized), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(prepared), str(quantized), photos, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=float_nodes, calibrate_method=CalibrationMethod.MinMax)
         model = onnx.load(str(quantized))
         del model.metadata_props[:]
         recipe = {"format": "QDQ", "weights": "int8 per channel, reduce_range", "activations": "uint8 MinMax",
-                  "float_weights": list(FLOAT_WEIGHTS), "calibration_photos": used,
-                  "source_sha256": file_digest(source) if source is not None else None}
+                  "float_weights": list(FLOAT_WEIGHTS), "calibration_photos": photos.used,
+                  "source_sha256": file_sha256(source) if source is not None else None}
         for key, value in ((METADATA_KEY, metadata[METADATA_KEY]), (QUANTIZATION_KEY, json.dumps(recipe))):
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         atomic_write_bytes(Path(destination), lambda tmp: onnx.save(model, tmp))
-    return used
+    return photos.used
 
 
 def _model_inputs(photos: Iterable[Path], spec: ModelSpec, count: int, on_skipped) -> Iterator[dict]:
@@ -100,10 +103,6 @@ def _model_inputs(photos: Iterable[Path], spec: ModelSpec, count: int, on_skippe
             continue
         made += 1
         yield {"images": pad_batch([prepared.tensor], spec.preprocess.size_divisible).numpy()}
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def source_digest(int8_onnx: Path) -> str | None:

@@ -125,9 +125,11 @@ def image_outputs(out_dir: Path, relative: str, formats: list[str]) -> list[Path
     return [out_dir / f"{stem}{PER_IMAGE_SUFFIXES[fmt]}" for fmt in formats if fmt in PER_IMAGE_SUFFIXES]
 
 
-def write_image_outputs(out_dir: Path, result: ImageResult, formats: list[str], draw_top: int) -> None:
-    """Write the per-image files of one result, each atomically."""
-    record = proposal_record(result.item.given, result.proposals)
+def write_image_outputs(out_dir: Path, result: ImageResult, formats: list[str], draw_top: int,
+                        record: dict | None = None) -> None:
+    """Write the per-image files of one result, each atomically (``record``: its
+    :func:`proposal_record`, when the caller has it already)."""
+    record = record or proposal_record(result.item.given, result.proposals)
     for path in image_outputs(out_dir, result.item.relative, formats):
         if path.suffix == ".png":
             overlay = draw_proposals(load_image(result.item.given, None), result.proposals, draw_top)
@@ -200,7 +202,7 @@ class ProposalWriter:
             except OSError as error:
                 raise OutputError(f"standard output: cannot write ({error.strerror or error})") from error
         if self.per_image:
-            write_image_outputs(self.out, result, self.per_image, self.draw_top)
+            write_image_outputs(self.out, result, self.per_image, self.draw_top, record)
         if self.collected:
             self.records.append(record)
         if self.sheet is not None and len(self.tiles) < SHEET_IMAGES:

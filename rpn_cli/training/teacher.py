@@ -7,7 +7,6 @@ onnxruntime is an optional dependency (the ``train`` extra).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 from torchvision.ops import box_iou, nms
 
 from ..errors import UsageError
+from ..io.files import file_sha256
 
 _PAD_VALUE = 114
 _STRIDES = (8, 16, 32)
@@ -35,7 +35,7 @@ class YoloxTeacher:
         if not model_path.is_file():
             raise UsageError(f"{model_path}: no such teacher model")
         # Which model labelled what: caches of its detections are valid for this file only.
-        self.fingerprint = hashlib.sha256(model_path.read_bytes()).hexdigest()[:16]
+        self.fingerprint = file_sha256(model_path)[:16]
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

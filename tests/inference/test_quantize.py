@@ -26,10 +26,11 @@ def test_the_shipped_int8_model_is_made_from_the_shipped_checkpoint():
     # Replacing the default checkpoint without rebuilding its int8 model fails here, not at a user's.
     import onnx
 
-    from rpn_cli.inference.quantize import QUANTIZATION_KEY, file_digest, source_digest
+    from rpn_cli.inference.quantize import QUANTIZATION_KEY, source_digest
     from rpn_cli.io.checkpoint import METADATA_KEY, read_spec
+    from rpn_cli.io.files import file_sha256
 
-    assert source_digest(INT8) == file_digest(DEFAULT_CHECKPOINT)
+    assert source_digest(INT8) == file_sha256(DEFAULT_CHECKPOINT)
     metadata = {entry.key: entry.value for entry in onnx.load(str(INT8)).metadata_props}
     assert json.loads(metadata[METADATA_KEY]) == read_spec(DEFAULT_CHECKPOINT).to_dict()
     assert json.loads(metadata[QUANTIZATION_KEY])["calibration_photos"] == 200
