@@ -5,6 +5,10 @@
 Boxes: uniformly random; clustered (noisy copies of a few boxes); and rpn: what the default
 checkpoint's proposal layer hands to NMS on COCO photos (its per-level top 3000, about 8000 boxes),
 averaged over --photos photos of ../shared/data/coco-train2017/images.
+
+Then the whole proposal layer on a batch of --batch photos (one padded batch through the default
+checkpoint): image by image (what the CPU runs) against one pass over the batch (what a GPU runs,
+``ProposalLayer.for_batch``), on this machine's CPU.
 """
 
 import argparse
@@ -43,6 +47,23 @@ def _rpn_candidates(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return candidates
 
 
+def _batch_layer_times(count: int, repeats: int) -> tuple[float, float, bool]:
+    """Seconds of the proposal layer on one batch of ``count`` photos: per image, and in one pass."""
+    from rpn_cli import Proposer
+    from rpn_cli.inference.predict import run_model
+
+    proposer = Proposer(DEFAULT_CHECKPOINT, device="cpu", backend="torch", precision="float32")
+    prepared = [proposer.prepare(path) for path in sorted(PHOTOS.glob("*.jpg"))[:count]]
+    levels, layer = run_model(proposer.model, prepared), proposer.proposal_layer
+    sizes = torch.tensor([[image.resized_size[1], image.resized_size[0]] for image in prepared])
+
+    def image_by_image():
+        return [layer(levels, index, int(height), int(width)) for index, (height, width) in enumerate(sizes.tolist())]
+
+    same = all(torch.equal(a[0], b[0]) for a, b in zip(image_by_image(), layer.for_batch(levels, sizes)))
+    return _time(image_by_image, repeats), _time(lambda: layer.for_batch(levels, sizes), repeats), same
+
+
 def _boxes(kind: str, count: int, generator: torch.Generator) -> torch.Tensor:
     xy = torch.rand(count, 2, generator=generator) * 600
     wh = torch.rand(count, 2, generator=generator) * 200 + 8
@@ -67,6 +88,7 @@ def main() -> None:
     parser.add_argument("--iou", type=float, default=0.7)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--photos", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     print(f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.boxes} boxes, keep {args.keep}, IoU {args.iou}\n")
@@ -86,6 +108,10 @@ def main() -> None:
             ours += _time(lambda b=boxes, s=scores: greedy_nms(b, s, args.iou, args.keep), args.repeats) / len(sets)
             same &= torch.equal(nms(boxes, scores, args.iou)[: args.keep], greedy_nms(boxes, scores, args.iou, args.keep))
         print(f"| {kind} | {theirs * 1000:.1f} | {ours * 1000:.1f} | {theirs / ours:.1f}x | {same} |")
+    if PHOTOS.is_dir():
+        looped, one_pass, same = _batch_layer_times(args.batch, max(1, args.repeats // 4))
+        print(f"\nProposal layer on a batch of {args.batch} photos, CPU: image by image {looped * 1000:.0f} ms, "
+              f"one pass {one_pass * 1000:.0f} ms ({looped / one_pass:.2f}x); same boxes: {same}")
 
 
 if __name__ == "__main__":

@@ -33,20 +33,35 @@ def proposals_from_outputs(
     proposal_layer: ProposalLayer,
     top_k: int | None = None,
 ) -> list[ImageProposals]:
-    """The proposal layer on each image of a batch, with that image's own size, mapped to original pixels."""
-    results = []
+    """The proposal layer on each image of a batch, with that image's own size, mapped to original pixels.
+
+    On a GPU a batch goes through the proposal layer in one pass (:meth:`ProposalLayer.for_batch`) and
+    comes back to the host in one copy; on the CPU, where the per-image loop is faster (see
+    benchmarks/benchmark_nms.py), image by image.
+    """
     with torch.inference_mode():
-        for index, image in enumerate(images):
-            width, height = image.resized_size
-            boxes, scores = proposal_layer(levels, index, height, width)
-            if top_k is not None:
-                boxes, scores = boxes[:top_k], scores[:top_k]
-            boxes = scale_boxes(boxes, image.scale_x, image.scale_y)
-            original_width, original_height = image.original_size
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original_width)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original_height)
-            results.append(ImageProposals(boxes.cpu(), scores.cpu(), original_width, original_height))
-    return results
+        if len(images) > 1 and levels[0].logits.is_cuda:
+            sizes = torch.tensor([[image.resized_size[1], image.resized_size[0]] for image in images])
+            per_image = proposal_layer.for_batch(levels, sizes)
+            counts = [boxes.shape[0] for boxes, _ in per_image]
+            boxes = torch.cat([boxes for boxes, _ in per_image]).cpu().split(counts)
+            scores = torch.cat([scores for _, scores in per_image]).cpu().split(counts)
+            per_image = list(zip(boxes, scores))
+        else:
+            per_image = [proposal_layer(levels, index, image.resized_size[1], image.resized_size[0])
+                         for index, image in enumerate(images)]
+        return [_in_original_pixels(boxes, scores, image, top_k) for (boxes, scores), image in zip(per_image, images)]
+
+
+def _in_original_pixels(boxes: torch.Tensor, scores: torch.Tensor, image: PreparedImage,
+                        top_k: int | None) -> ImageProposals:
+    if top_k is not None:
+        boxes, scores = boxes[:top_k], scores[:top_k]
+    boxes = scale_boxes(boxes, image.scale_x, image.scale_y)
+    original_width, original_height = image.original_size
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original_width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original_height)
+    return ImageProposals(boxes.cpu(), scores.cpu(), original_width, original_height)
 
 
 def proposals_for_batch(

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UsageError
 from .boxes import DEFAULT_DELTA_CLAMP, clip_boxes, decode_deltas, valid_box_mask
-from .nms import greedy_nms
+from .nms import batched_greedy_nms, greedy_nms
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,15 @@ class ProposalLayer:
                                    [level.anchors for level in levels], image_height, image_width, self.settings,
                                    self.box_weights, self.delta_clamp, scores_are_logits=sigmoid)
 
+    def for_batch(self, levels: Sequence, image_sizes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Boxes and scores of every image of a batch in a few whole-batch operations (see
+        :func:`proposals_for_images`); ``image_sizes``: (N, 2) resized (height, width) of each image."""
+        sigmoid = self.score_kind == "sigmoid"
+        scores = [level.logits.float() if sigmoid else objectness(level.logits, self.score_kind) for level in levels]
+        return proposals_for_images(scores, [level.deltas for level in levels], [level.anchors for level in levels],
+                                    image_sizes, self.settings, self.box_weights, self.delta_clamp,
+                                    scores_are_logits=sigmoid)
+
 
 def objectness(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
     """Objectness probabilities (..., M) in float32 from logits of either score kind."""
@@ -116,6 +125,59 @@ def proposals_for_image(
     else:
         keep = greedy_nms(boxes, score, settings.nms_iou, settings.post_nms_top_n)
     return boxes[keep], score[keep]
+
+
+def proposals_for_images(
+    scores: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    image_sizes: torch.Tensor,
+    settings: ProposalSettings = ProposalSettings(),
+    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    delta_clamp: float = DEFAULT_DELTA_CLAMP,
+    scores_are_logits: bool = False,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`proposals_for_image` for every image of a batch, without a loop over the images: on a GPU
+    each small operation costs a kernel launch, and the loop would launch them per image.
+
+    scores[l]: (N, M_l); deltas[l]: (N, M_l, 4); anchors[l]: (M_l, 4), shared by the batch;
+    image_sizes: (N, 2) each image's resized (height, width). Returns N pairs of boxes (K_i, 4) and
+    scores (K_i,), as :func:`proposals_for_image` does for each image, up to float rounding: the
+    whole-batch arithmetic and NMS's offset boxes (see :func:`batched_greedy_nms`) can round a box's
+    coordinate or an IoU at the threshold differently, and equal scores may come out in another order.
+    """
+    count = scores[0].shape[0]
+    device = scores[0].device
+    sizes = image_sizes.to(device=device, dtype=torch.float32)
+    heights, widths = sizes[:, 0:1], sizes[:, 1:2]
+    level_boxes, level_scores, level_valid, level_ids = [], [], [], []
+    for level, (level_score, level_delta, level_anchor) in enumerate(zip(scores, deltas, anchors)):
+        level_score = level_score.to(torch.float32)
+        take = min(settings.pre_nms_top_n, level_score.shape[1])
+        if settings.top_n_before_filtering:
+            level_score, order = level_score.topk(take, dim=1)
+            level_delta = level_delta.gather(1, order[..., None].expand(-1, -1, 4))
+            boxes = decode_deltas(level_anchor[order], level_delta, box_weights, delta_clamp)
+        else:
+            boxes = decode_deltas(level_anchor, level_delta, box_weights, delta_clamp)
+        boxes = clip_boxes(boxes, heights, widths)
+        valid = valid_box_mask(boxes, settings.min_size) & torch.isfinite(level_score)
+        if not settings.top_n_before_filtering:
+            # The seed's order: the best n of the valid boxes (the invalid rank last and are dropped).
+            level_score, order = level_score.masked_fill(~valid, float("-inf")).topk(take, dim=1)
+            boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+            valid = valid.gather(1, order)
+        level_boxes.append(boxes)
+        level_scores.append(level_score)
+        level_valid.append(valid)
+        level_ids.append(torch.full((count, take), level, dtype=torch.int64, device=device))
+    score = torch.cat(level_scores, dim=1)
+    probability = torch.sigmoid(score) if scores_are_logits else score
+    boxes, level_ids = torch.cat(level_boxes, dim=1), torch.cat(level_ids, dim=1)
+    valid = torch.cat(level_valid, dim=1) & torch.isfinite(probability) & (probability >= settings.min_score)
+    kept = batched_greedy_nms(boxes, probability, valid, settings.nms_iou, settings.post_nms_top_n,
+                              groups=level_ids if settings.nms_per_level else None)
+    return [(boxes[image, keep], probability[image, keep]) for image, keep in enumerate(kept)]
 
 
 def _torchvision_ops():

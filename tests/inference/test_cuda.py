@@ -30,6 +30,19 @@ def test_gpu_float32_records_equal_the_cpus(default_checkpoint):
         assert _matched(ours, theirs, 0.05) >= 0.98
 
 
+def test_a_gpu_batch_in_one_pass_equals_image_by_image(default_checkpoint):
+    """Batches on the GPU go through the proposal layer in one pass (ProposalLayer.for_batch): the same
+    records as one image at a time, up to float rounding (tests/model/test_proposals.py checks it on the CPU)."""
+    from rpn_cli import Proposer
+
+    proposer = Proposer(default_checkpoint, device="cuda", precision="float32", backend="torch")
+    same_size = [SAMPLE_FILES[0]] * 3 + [SAMPLE_FILES[1]] * 3  # batches hold images of one padded size
+    for batched, alone in zip(proposer.stream(same_size, batch_size=3), proposer.stream(same_size, batch_size=1)):
+        assert batched.proposals.scores.shape == alone.proposals.scores.shape
+        np.testing.assert_allclose(batched.proposals.scores.numpy(), alone.proposals.scores.numpy(), atol=1e-5)
+        assert _matched(batched.proposals, alone.proposals, 0.01) >= 0.99
+
+
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
 def test_reduced_precision_keeps_average_recall(default_checkpoint, coco_dir, precision):
     from rpn_cli import Proposer

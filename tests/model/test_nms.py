@@ -99,3 +99,41 @@ def test_float64_boxes_are_suppressed_in_float64():
     scores = torch.tensor([0.9, 0.8], dtype=torch.float64)
     assert nms(boxes.float(), scores.float(), 0.5).tolist() == [0, 1]
     assert greedy_nms(boxes, scores, 0.5, 10).tolist() == nms(boxes, scores, 0.5).tolist() == [0]
+
+
+def _batch(seed, images=3, count=400):
+    generator = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([_clustered_boxes(generator, count) for _ in range(images)])
+    scores = torch.rand(images, count, generator=generator)
+    valid = torch.rand(images, count, generator=generator) > 0.2
+    valid[-1] = False  # an image without a candidate
+    return boxes, scores, valid
+
+
+@pytest.mark.parametrize("window", [1024, 16])
+def test_batched_nms_equals_torchvision_image_by_image(window):
+    from rpn_cli.model.nms import batched_greedy_nms
+
+    boxes, scores, valid = _batch(0)
+    kept = batched_greedy_nms(boxes, scores, valid, 0.5, 30, window=window)
+    assert len(kept) == 3 and kept[-1].numel() == 0
+    for image in range(2):
+        candidates = valid[image].nonzero().squeeze(1)
+        expected = candidates[nms(boxes[image, candidates], scores[image, candidates], 0.5)[:30]]
+        assert torch.equal(kept[image], expected)
+
+
+@pytest.mark.parametrize("window", [1024, 16])
+def test_batched_nms_per_group_equals_torchvisions_batched_nms(window):
+    from torchvision.ops import batched_nms
+
+    from rpn_cli.model.nms import batched_greedy_nms
+
+    boxes, scores, valid = _batch(1)
+    groups = torch.randint(0, 3, scores.shape, generator=torch.Generator().manual_seed(2))
+    kept = batched_greedy_nms(boxes, scores, valid, 0.6, 40, groups=groups, window=window)
+    for image in range(2):
+        candidates = valid[image].nonzero().squeeze(1)
+        expected = candidates[batched_nms(boxes[image, candidates], scores[image, candidates],
+                                          groups[image, candidates], 0.6)[:40]]
+        assert torch.equal(kept[image], expected)

@@ -84,3 +84,32 @@ def test_settings_validation():
         ProposalSettings(nms_iou=1.5).validated()
     with pytest.raises(UsageError):
         ProposalSettings(post_nms_top_n=0).validated()
+
+
+@pytest.mark.parametrize("settings", [
+    ProposalSettings(),
+    ProposalSettings(nms_per_level=True),
+    ProposalSettings(top_n_before_filtering=True),
+    ProposalSettings(post_nms_top_n=2000, min_score=0.4),
+], ids=["seed-order", "nms-per-level", "top-n-first", "many-kept"])
+def test_a_batch_in_one_pass_equals_image_by_image(default_checkpoint, settings):
+    """The GPU's batched proposal layer against the per-image one, on the sample photos run as one padded
+    batch (each image clipped to its own size). Equal up to float rounding: same boxes, in the same order."""
+    from dataclasses import replace
+
+    from conftest import SAMPLES
+
+    from rpn_cli import Proposer
+    from rpn_cli.inference.predict import run_model
+
+    proposer = Proposer(default_checkpoint, device="cpu", backend="torch", precision="float32")
+    prepared = [proposer.prepare(path) for path in sorted(SAMPLES.glob("*.jpg"))]
+    assert len({image.resized_size for image in prepared}) > 1
+    levels = run_model(proposer.model, prepared)
+    layer = replace(proposer.proposal_layer, settings=settings)
+    sizes = torch.tensor([[image.resized_size[1], image.resized_size[0]] for image in prepared])
+    for index, (boxes, scores) in enumerate(layer.for_batch(levels, sizes)):
+        expected_boxes, expected_scores = layer(levels, index, int(sizes[index, 0]), int(sizes[index, 1]))
+        assert boxes.shape == expected_boxes.shape and boxes.shape[0] > 0
+        torch.testing.assert_close(boxes, expected_boxes, rtol=0, atol=1e-3)
+        torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
