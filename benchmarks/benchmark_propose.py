@@ -4,7 +4,9 @@
                                            [--seed-weights C4_CKPT] [--skip PART,...]
 
 Each part runs in its own process (so each has its own peak memory) on the same images:
-  ours-cli   `rpn propose DIR --out TMP --format json` end to end, as a user runs it (process start included)
+  ours-cli   `rpn propose DIR --out TMP --format json` end to end, as a user runs it (process start included);
+             run again on the first 5 images (ours-cli-start): the difference over the other images is the
+             marginal time a photo over a folder, start-up excluded
   ours-split the same pipeline in-process, timed per stage (decode+resize, model, proposal layer, writing),
              as auto runs it and with each backend and precision (PyTorch float32 and bfloat16, ONNX Runtime
              float32 and int8) and --batch-size 4 (skip them all with --skip ours-split)
@@ -86,6 +88,13 @@ def _timed_propose(files, checkpoint, out_dir, *options) -> dict:
 
 def part_ours_cli(files, checkpoint, out_dir, **_):
     return _timed_propose(files, checkpoint, out_dir, "--format", "json")
+
+
+START_IMAGES = 5  # ours-cli-start: the start-up and these, subtracted from ours-cli for the marginal time
+
+
+def part_ours_cli_start(files, checkpoint, out_dir, **_):
+    return _timed_propose(files[:START_IMAGES], checkpoint, out_dir, "--format", "json")
 
 
 def part_ray(files, checkpoint, out_dir, **_):
@@ -186,7 +195,8 @@ SPLIT_VARIANTS = {
     "ours-split-batch4": ({"batch_size": 4}, "  the same, auto, --batch-size 4"),
 }
 
-PARTS = {"ours-split": part_ours_split, "ours-cli": part_ours_cli, "selective": part_selective,
+PARTS = {"ours-split": part_ours_split, "ours-cli": part_ours_cli, "ours-cli-start": part_ours_cli_start,
+         "selective": part_selective,
          "seed": part_seed, "ours-c4": part_ours_c4, "ray": part_ray}
 
 
@@ -258,12 +268,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         common = {"files": [str(f) for f in files], "checkpoint": str(args.checkpoint)}
-        for name in ("ours-cli", *SPLIT_VARIANTS, "selective", "ray"):
-            if name not in skip and not (name.startswith("ours-split-") and "ours-split" in skip):
+        for name in ("ours-cli", "ours-cli-start", *SPLIT_VARIANTS, "selective", "ray"):
+            if name not in skip and not (name.startswith("ours-split-") and "ours-split" in skip) and not (
+                    name == "ours-cli-start" and ("ours-cli" in skip or len(files) <= START_IMAGES)):
                 # Our parts take seconds and vary run to run by about 10%: the median of --repeats runs.
                 runs = []
                 part, options = ("ours-split", SPLIT_VARIANTS[name][0]) if name in SPLIT_VARIANTS else (name, {})
-                for attempt in range(args.repeats if part in ("ours-cli", "ours-split") else 1):
+                for attempt in range(args.repeats if part in ("ours-cli", "ours-cli-start", "ours-split") else 1):
                     out_dir = scratch / f"{name}-{attempt}"
                     out_dir.mkdir()
                     print(f"running {name} on {len(files)} images...", file=sys.stderr)
@@ -312,6 +323,13 @@ def report(figures: dict, files: list, folder: Path) -> None:
     if "selective" in figures and "ours-cli" in figures:
         print(f"- Selective Search / rpn propose end to end: {per_image('selective') / per_image('ours-cli'):.1f}x "
               f"(rpn propose runs, seconds for {len(files)} images: {figures['ours-cli']['runs_seconds']})")
+    if "selective" in figures and "ours-cli-start" in figures:
+        start = figures["ours-cli-start"]
+        marginal = (figures["ours-cli"]["seconds"] - start["seconds"]) / (figures["ours-cli"]["images"] - start["images"])
+        figures["ours-cli-marginal"] = {"seconds_per_image": marginal}
+        print(f"- Selective Search / rpn propose end to end, marginal (start-up excluded): "
+              f"{per_image('selective') / marginal:.1f}x ({marginal:.3f} s a photo: {len(files)} photos in "
+              f"{figures['ours-cli']['seconds']:.2f} s, the first {start['images']} in {start['seconds']:.2f} s)")
     for name, (_, label) in SPLIT_VARIANTS.items():
         if "selective" in figures and name in figures:
             print(f"- Selective Search / {label.strip()} ({figures[name]['engine']}): "
