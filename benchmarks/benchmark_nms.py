@@ -60,7 +60,8 @@ def _batch_layer_times(count: int, repeats: int) -> tuple[float, float, bool]:
     def image_by_image():
         return [layer(levels, index, int(height), int(width)) for index, (height, width) in enumerate(sizes.tolist())]
 
-    same = all(torch.equal(a[0], b[0]) for a, b in zip(image_by_image(), layer.for_batch(levels, sizes)))
+    boxes, _, counts = layer.for_batch(levels, sizes)
+    same = all(torch.equal(a[0], b) for a, b in zip(image_by_image(), boxes.split(counts)))
     return _time(image_by_image, repeats), _time(lambda: layer.for_batch(levels, sizes), repeats), same
 
 

@@ -42,11 +42,9 @@ def proposals_from_outputs(
     with torch.inference_mode():
         if len(images) > 1 and levels[0].logits.is_cuda:
             sizes = torch.tensor([[image.resized_size[1], image.resized_size[0]] for image in images])
-            per_image = proposal_layer.for_batch(levels, sizes)
-            counts = [boxes.shape[0] for boxes, _ in per_image]
-            boxes = torch.cat([boxes for boxes, _ in per_image]).cpu().split(counts)
-            scores = torch.cat([scores for _, scores in per_image]).cpu().split(counts)
-            per_image = list(zip(boxes, scores))
+            boxes, scores, counts = proposal_layer.for_batch(levels, sizes)
+            found = torch.cat((boxes, scores[:, None]), dim=1).cpu().split(counts)
+            per_image = [(rows[:, :4], rows[:, 4].contiguous()) for rows in found]
         else:
             per_image = [proposal_layer(levels, index, image.resized_size[1], image.resized_size[0])
                          for index, image in enumerate(images)]
@@ -55,6 +53,7 @@ def proposals_from_outputs(
 
 def _in_original_pixels(boxes: torch.Tensor, scores: torch.Tensor, image: PreparedImage,
                         top_k: int | None) -> ImageProposals:
+    """One image's best ``top_k`` boxes (K, 4), from resized-image pixels to the original's, clipped to it."""
     if top_k is not None:
         boxes, scores = boxes[:top_k], scores[:top_k]
     boxes = scale_boxes(boxes, image.scale_x, image.scale_y)

@@ -1,7 +1,7 @@
 """Box coding between anchors and (dx, dy, dw, dh) deltas, and box geometry helpers.
 
 All boxes are (x1, y1, x2, y2) float32 tensors of shape (N, 4); decoding, clipping and the
-validity mask also take a batch, (B, N, 4), with anchors (N, 4) shared by the batch.
+validity mask also take a batch, (B, N, 4), with anchors (N, 4) shared by the batch or (B, N, 4).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def decode_deltas(
     weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     clamp: float = DEFAULT_DELTA_CLAMP,
 ) -> torch.Tensor:
-    """Apply deltas (N, 4) or (B, N, 4) to anchors (N, 4); returns boxes shaped like the deltas, float32.
+    """Apply deltas (N, 4) or (B, N, 4) to anchors (N, 4) or (B, N, 4); returns boxes shaped like the
+    deltas, float32.
 
     The seed's ``loc2bbox`` plus the clamp of dw, dh at ``clamp``. ``weights``
     divide the deltas, as in torchvision's ``BoxCoder``.
@@ -81,6 +82,8 @@ def clip_boxes(boxes: torch.Tensor, height: float | torch.Tensor, width: float |
     """Clip boxes (N, 4) to the image ``[0, width] x [0, height]``; or a batch (B, N, 4), each image to
     its own size when ``height`` and ``width`` are tensors (B, 1)."""
     if isinstance(height, torch.Tensor):
+        if height.shape != (boxes.shape[0], 1) or width.shape != height.shape:
+            raise ValueError(f"per-image sizes must be ({boxes.shape[0]}, 1), got {tuple(height.shape)}")
         x = boxes[..., 0::2].clamp(min=0.0).minimum(width[..., None].to(boxes.dtype))
         y = boxes[..., 1::2].clamp(min=0.0).minimum(height[..., None].to(boxes.dtype))
     else:

@@ -75,69 +75,84 @@ def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
         size *= 2
 
 
-# torchvision's batched_nms offsets boxes per class up to this many boxes on a GPU (one kernel, quadratic
-# in the boxes); more are better done in several calls.
-_BOXES_PER_CALL = 20000
+# torchvision's batched_nms offsets boxes apart (one kernel, quadratic in the boxes) up to 100,000
+# coordinates, 25,000 boxes, on a GPU, and calls the kernel per class beyond; so at most this many a call.
+_BOXES_PER_CALL = 25_000
 
 
 def batched_greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
-                       max_keep: int, groups: torch.Tensor | None = None, window: int = 1024) -> list[torch.Tensor]:
-    """Greedy NMS on every image of a batch at once: for image ``b``, the indices (K_b,) into ``boxes[b]``
-    that :func:`greedy_nms` keeps of its valid boxes, best first, K_b <= ``max_keep``.
+                       max_keep: int, groups: torch.Tensor | None = None,
+                       window: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS on every image of a batch at once: for image ``b``, what :func:`greedy_nms` keeps of
+    its valid boxes (per group where ``groups`` is given, as torchvision's ``batched_nms``), best first,
+    at most ``max_keep``.
 
-    boxes: (B, N, 4); scores: (B, N); valid: (B, N) bool, the candidates; groups: (B, N) int64 or None,
-    boxes of different groups of one image never suppress each other (per-level NMS). The best ``window``
-    candidates of many images go through one kernel call, each image's boxes moved apart from the others'
-    by an offset (torchvision's ``batched_nms`` trick: the offsets round coordinates by up to a few
-    thousandths of a pixel, which can turn an IoU at the threshold the other way); an image that keeps
-    fewer than ``max_keep`` of a window smaller than its candidates is finished on its own.
+    boxes: (B, N, 4) with 0 <= x1 <= x2 and 0 <= y1 <= y2 (offsets keep images apart); scores: (B, N);
+    valid: (B, N) bool, the candidates; groups: (B, N) int64 or None: boxes of different groups of one
+    image never suppress each other (per-level NMS). Returns ``image`` and ``index`` (K,) int64: the kept
+    boxes are ``boxes[image, index]``, image by image, each image's best first.
+
+    As :func:`greedy_nms`, NMS runs on each image's best ``window`` candidates, doubled for the images
+    that keep fewer than ``max_keep`` while candidates remain; each round puts up to 25,000 boxes of
+    several images through one kernel call, the images' boxes moved apart by an offset (torchvision's
+    ``batched_nms`` trick: in float32 this rounds coordinates by up to a few thousandths of a pixel,
+    which can turn an IoU at the threshold the other way).
     """
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
     count, candidates = scores.shape
-    if count == 0:
-        return []
-    nms = _torchvision_nms()
     device = boxes.device
-    boxes = boxes.float()
-    ranked = scores.float().masked_fill(~valid, float("-inf"))
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-    size = min(window, candidates)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    if count == 0 or candidates == 0 or max_keep <= 0:
+        return empty, empty
+    nms = _torchvision_nms()
+    dtype = boxes.dtype if boxes.dtype in (torch.float32, torch.float64) else torch.float32
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    # Best first, the invalid after every valid candidate whatever their scores.
+    order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort((~valid).gather(1, order).to(torch.int8), dim=1, stable=True).indices)
     valid_counts = valid.sum(dim=1).tolist()
-    in_window = torch.arange(size, device=device)[None, :] < valid.sum(dim=1, keepdim=True)
-    top = order[:, :size]
-    kept_per_image: list[torch.Tensor] = []
-    step = max(1, _BOXES_PER_CALL // max(size, 1))
-    for first in range(0, count, step):
-        chunk = slice(first, min(first + step, count))
-        image = torch.arange(chunk.start, chunk.stop, device=device)[:, None].expand(-1, size)[in_window[chunk]]
-        index = top[chunk][in_window[chunk]]
-        chunk_boxes, chunk_scores = boxes[image, index], scores[image, index].float()
-        group = image - chunk.start
-        if groups is not None:
-            group = group * (int(groups.max()) + 1) + groups[image, index]
-        offsets = (group.to(torch.float32) * (chunk_boxes.max() + 1.0 if chunk_boxes.numel() else 1.0))[:, None]
-        kept = nms(chunk_boxes + offsets, chunk_scores, float(iou_threshold))
-        # A stable sort by image keeps each image's survivors in the kernel's order, best first.
-        kept_image = image[kept]
-        by_image = torch.sort(kept_image, stable=True).indices
-        counts = torch.bincount(kept_image - chunk.start, minlength=chunk.stop - chunk.start).tolist()
-        kept_per_image.extend(index[kept][by_image].split(counts))
-    results = []
-    for b, kept in enumerate(kept_per_image):
-        if kept.numel() < max_keep and size < valid_counts[b]:
-            results.append(_nms_one_image(boxes[b], scores[b], valid[b], None if groups is None else groups[b],
-                                          iou_threshold, max_keep))
-        else:
-            results.append(kept[:max_keep])
-    return results
+    group_count = int(groups.max()) + 1 if groups is not None else 1
+    kept: dict[int, torch.Tensor] = {}
+    pending, size = [b for b in range(count) if valid_counts[b] > 0], window
+    while pending:
+        size = min(size, candidates)
+        per_call = max(1, _BOXES_PER_CALL // size)
+        for first in range(0, len(pending), per_call):
+            images = pending[first:first + per_call]
+            found = _nms_round(boxes, scores, order, groups, group_count, images,
+                               [min(size, valid_counts[b]) for b in images], iou_threshold, nms)
+            kept.update(zip(images, found))
+        pending = [b for b in pending if kept[b].numel() < max_keep and size < valid_counts[b]]
+        size *= 2
+    images = [b for b in range(count) if b in kept]
+    if not images:
+        return empty, empty
+    index = torch.cat([kept[b][:max_keep] for b in images])
+    image = torch.cat([torch.full((min(kept[b].numel(), max_keep),), b, dtype=torch.int64, device=device)
+                       for b in images])
+    return image, index
 
 
-def _nms_one_image(boxes, scores, valid, groups, iou_threshold, max_keep):
-    """Indices into the row of what NMS keeps of its valid boxes, best first (the batch's rare slow case)."""
-    candidates = valid.nonzero().squeeze(1)
-    if groups is None:
-        return candidates[greedy_nms(boxes[candidates], scores[candidates], iou_threshold, max_keep)]
-    # Per group, as torchvision's batched_nms: NMS of each group alone, then all survivors by score.
-    survivors = [candidates[groups[candidates] == g] for g in torch.unique(groups[candidates]).tolist()]
-    kept = torch.cat([found[greedy_nms(boxes[found], scores[found], iou_threshold, found.numel())]
-                      for found in survivors])
-    return kept[torch.sort(scores[kept].float(), descending=True, stable=True).indices][:max_keep]
+def _nms_round(boxes: torch.Tensor, scores: torch.Tensor, order: torch.Tensor, groups: torch.Tensor | None,
+               group_count: int, images: list[int], sizes: list[int], iou_threshold: float,
+               nms) -> list[torch.Tensor]:
+    """One kernel call on the best ``sizes[i]`` candidates of each of ``images``; per image, the indices
+    (into its row of ``boxes``) that NMS keeps, best first."""
+    device = boxes.device
+    rows = torch.tensor(images, device=device)
+    image = torch.repeat_interleave(rows, torch.tensor(sizes, device=device), output_size=sum(sizes))
+    rank = torch.cat([torch.arange(size, device=device) for size in sizes])
+    index = order[image, rank]
+    chosen = boxes[image, index]
+    # Images (and groups within one) as consecutive blocks of coordinates, none overlapping another.
+    block = torch.repeat_interleave(torch.arange(len(images), device=device), torch.tensor(sizes, device=device),
+                                    output_size=sum(sizes))
+    if groups is not None:
+        block = block * group_count + groups[image, index]
+    offsets = block.to(chosen.dtype)[:, None] * (chosen.max() + 1)
+    survivors = nms(chosen + offsets, scores[image, index], float(iou_threshold))
+    # The kernel returns all images' survivors by score; a stable sort by image keeps each image's order.
+    survivors = survivors[torch.sort(image[survivors], stable=True).indices]
+    counts = torch.bincount(image[survivors], minlength=max(images) + 1)[rows].tolist()
+    return list(index[survivors].split(counts))

@@ -46,7 +46,8 @@ class ProposalSettings:
 @dataclass(frozen=True)
 class ProposalLayer:
     """The proposal layer of one model: its limits and how its head's outputs read (score kind, box
-    coding); built once from the model description (:meth:`ModelSpec.proposal_layer`), called per image."""
+    coding); built once from the model description (:meth:`ModelSpec.proposal_layer`), called per image
+    or, on a GPU, once for a whole batch (:meth:`for_batch`)."""
 
     settings: ProposalSettings
     score_kind: str = "sigmoid"
@@ -67,9 +68,11 @@ class ProposalLayer:
                                    [level.anchors for level in levels], image_height, image_width, self.settings,
                                    self.box_weights, self.delta_clamp, scores_are_logits=sigmoid)
 
-    def for_batch(self, levels: Sequence, image_sizes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Boxes and scores of every image of a batch in a few whole-batch operations (see
-        :func:`proposals_for_images`); ``image_sizes``: (N, 2) resized (height, width) of each image."""
+    def for_batch(self, levels: Sequence,
+                  image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Boxes (K, 4), scores (K,) and per-image counts of every image of a batch, from a few whole-batch
+        operations (see :func:`proposals_for_images`); ``image_sizes``: (N, 2) each image's resized
+        (height, width)."""
         sigmoid = self.score_kind == "sigmoid"
         scores = [level.logits.float() if sigmoid else objectness(level.logits, self.score_kind) for level in levels]
         return proposals_for_images(scores, [level.deltas for level in levels], [level.anchors for level in levels],
@@ -136,15 +139,18 @@ def proposals_for_images(
     box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     delta_clamp: float = DEFAULT_DELTA_CLAMP,
     scores_are_logits: bool = False,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """:func:`proposals_for_image` for every image of a batch, without a loop over the images: on a GPU
     each small operation costs a kernel launch, and the loop would launch them per image.
 
     scores[l]: (N, M_l); deltas[l]: (N, M_l, 4); anchors[l]: (M_l, 4), shared by the batch;
-    image_sizes: (N, 2) each image's resized (height, width). Returns N pairs of boxes (K_i, 4) and
-    scores (K_i,), as :func:`proposals_for_image` does for each image, up to float rounding: the
-    whole-batch arithmetic and NMS's offset boxes (see :func:`batched_greedy_nms`) can round a box's
-    coordinate or an IoU at the threshold differently, and equal scores may come out in another order.
+    image_sizes: (N, 2) each image's resized (height, width). Returns boxes (K, 4) and scores (K,) of all
+    the images, image by image, each image's best first, and how many each image has (N ints).
+
+    Each image's share is what :func:`proposals_for_image` gives for it, up to float rounding (the NMS
+    kernel sees boxes offset per image, see :func:`batched_greedy_nms`) and the order of equal scores:
+    among boxes of one score, per-level top-n and NMS may pick others. In float32 scores rarely tie; in
+    float16 or bfloat16 many do, and a few boxes of an image's 300 can differ (equally good ones).
     """
     count = scores[0].shape[0]
     device = scores[0].device
@@ -157,12 +163,13 @@ def proposals_for_images(
         if settings.top_n_before_filtering:
             level_score, order = level_score.topk(take, dim=1)
             level_delta = level_delta.gather(1, order[..., None].expand(-1, -1, 4))
-            boxes = decode_deltas(level_anchor[order], level_delta, box_weights, delta_clamp)
+            boxes = clip_boxes(decode_deltas(level_anchor[order], level_delta, box_weights, delta_clamp),
+                               heights, widths)
+            # As the per-image layer: scores are checked once, as probabilities, below.
+            valid = valid_box_mask(boxes, settings.min_size)
         else:
-            boxes = decode_deltas(level_anchor, level_delta, box_weights, delta_clamp)
-        boxes = clip_boxes(boxes, heights, widths)
-        valid = valid_box_mask(boxes, settings.min_size) & torch.isfinite(level_score)
-        if not settings.top_n_before_filtering:
+            boxes = clip_boxes(decode_deltas(level_anchor, level_delta, box_weights, delta_clamp), heights, widths)
+            valid = valid_box_mask(boxes, settings.min_size) & torch.isfinite(level_score)
             # The seed's order: the best n of the valid boxes (the invalid rank last and are dropped).
             level_score, order = level_score.masked_fill(~valid, float("-inf")).topk(take, dim=1)
             boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
@@ -175,9 +182,10 @@ def proposals_for_images(
     probability = torch.sigmoid(score) if scores_are_logits else score
     boxes, level_ids = torch.cat(level_boxes, dim=1), torch.cat(level_ids, dim=1)
     valid = torch.cat(level_valid, dim=1) & torch.isfinite(probability) & (probability >= settings.min_score)
-    kept = batched_greedy_nms(boxes, probability, valid, settings.nms_iou, settings.post_nms_top_n,
-                              groups=level_ids if settings.nms_per_level else None)
-    return [(boxes[image, keep], probability[image, keep]) for image, keep in enumerate(kept)]
+    image, index = batched_greedy_nms(boxes, probability, valid, settings.nms_iou, settings.post_nms_top_n,
+                                      groups=level_ids if settings.nms_per_level else None)
+    counts = torch.bincount(image, minlength=count).tolist()
+    return boxes[image, index], probability[image, index], counts
 
 
 def _torchvision_ops():

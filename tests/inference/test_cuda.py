@@ -30,17 +30,33 @@ def test_gpu_float32_records_equal_the_cpus(default_checkpoint):
         assert _matched(ours, theirs, 0.05) >= 0.98
 
 
-def test_a_gpu_batch_in_one_pass_equals_image_by_image(default_checkpoint):
-    """Batches on the GPU go through the proposal layer in one pass (ProposalLayer.for_batch): the same
-    records as one image at a time, up to float rounding (tests/model/test_proposals.py checks it on the CPU)."""
+def test_a_gpu_batch_in_one_pass_equals_image_by_image(default_checkpoint, monkeypatch):
+    """A batch on the GPU goes through the proposal layer in one pass (ProposalLayer.for_batch): the same
+    records as the per-image layer on the same outputs, up to float rounding (tests/model/test_proposals.py
+    checks the same on the CPU)."""
     from rpn_cli import Proposer
+    from rpn_cli.inference.predict import proposals_from_outputs, run_model
+    from rpn_cli.model.proposals import ProposalLayer
 
     proposer = Proposer(default_checkpoint, device="cuda", precision="float32", backend="torch")
-    same_size = [SAMPLE_FILES[0]] * 3 + [SAMPLE_FILES[1]] * 3  # batches hold images of one padded size
-    for batched, alone in zip(proposer.stream(same_size, batch_size=3), proposer.stream(same_size, batch_size=1)):
-        assert batched.proposals.scores.shape == alone.proposals.scores.shape
-        np.testing.assert_allclose(batched.proposals.scores.numpy(), alone.proposals.scores.numpy(), atol=1e-5)
-        assert _matched(batched.proposals, alone.proposals, 0.01) >= 0.99
+    prepared = [proposer.prepare(path) for path in SAMPLE_FILES]
+    levels = run_model(proposer.model, prepared)
+    calls = []
+    one_pass = ProposalLayer.for_batch
+    monkeypatch.setattr(ProposalLayer, "for_batch", lambda *args: calls.append(1) or one_pass(*args))
+    batched = proposals_from_outputs(levels, prepared, proposer.proposal_layer)
+    assert calls == [1]
+    for index, (ours, image) in enumerate(zip(batched, prepared)):
+        alone = proposals_from_outputs([_one_image(level, index) for level in levels], [image], proposer.proposal_layer)[0]
+        assert ours.scores.shape == alone.scores.shape
+        np.testing.assert_allclose(ours.scores.numpy(), alone.scores.numpy(), atol=1e-5)
+        assert _matched(ours, alone, 0.01) >= 0.99
+
+
+def _one_image(level, index):
+    from dataclasses import replace
+
+    return replace(level, logits=level.logits[index:index + 1], deltas=level.deltas[index:index + 1])
 
 
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])

@@ -103,23 +103,31 @@ def test_float64_boxes_are_suppressed_in_float64():
 
 def _batch(seed, images=3, count=400):
     generator = torch.Generator().manual_seed(seed)
-    boxes = torch.stack([_clustered_boxes(generator, count) for _ in range(images)])
+    boxes = torch.stack([_clustered_boxes(generator, count).clamp(min=0) for _ in range(images)])
+    boxes[..., 2:] = torch.maximum(boxes[..., 2:], boxes[..., :2] + 1)  # x1 < x2 and y1 < y2, as clipped boxes are
     scores = torch.rand(images, count, generator=generator)
     valid = torch.rand(images, count, generator=generator) > 0.2
     valid[-1] = False  # an image without a candidate
     return boxes, scores, valid
 
 
-@pytest.mark.parametrize("window", [1024, 16])
-def test_batched_nms_equals_torchvision_image_by_image(window):
-    from rpn_cli.model.nms import batched_greedy_nms
+def _per_image(image, index, images):
+    return [index[image == b] for b in range(images)]
 
+
+# window 1024: all 400 at once; 64: a window enough for 10 kept; 16: some images need bigger windows.
+@pytest.mark.parametrize("window,max_keep", [(1024, 30), (64, 10), (16, 30)])
+@pytest.mark.parametrize("boxes_per_call", [25_000, 100])  # one kernel call, or several a round
+def test_batched_nms_equals_torchvision_image_by_image(monkeypatch, window, max_keep, boxes_per_call):
+    from rpn_cli.model import nms as nms_module
+
+    monkeypatch.setattr(nms_module, "_BOXES_PER_CALL", boxes_per_call)
     boxes, scores, valid = _batch(0)
-    kept = batched_greedy_nms(boxes, scores, valid, 0.5, 30, window=window)
-    assert len(kept) == 3 and kept[-1].numel() == 0
+    kept = _per_image(*nms_module.batched_greedy_nms(boxes, scores, valid, 0.5, max_keep, window=window), 3)
+    assert kept[-1].numel() == 0
     for image in range(2):
         candidates = valid[image].nonzero().squeeze(1)
-        expected = candidates[nms(boxes[image, candidates], scores[image, candidates], 0.5)[:30]]
+        expected = candidates[nms(boxes[image, candidates], scores[image, candidates], 0.5)[:max_keep]]
         assert torch.equal(kept[image], expected)
 
 
@@ -131,9 +139,27 @@ def test_batched_nms_per_group_equals_torchvisions_batched_nms(window):
 
     boxes, scores, valid = _batch(1)
     groups = torch.randint(0, 3, scores.shape, generator=torch.Generator().manual_seed(2))
-    kept = batched_greedy_nms(boxes, scores, valid, 0.6, 40, groups=groups, window=window)
+    kept = _per_image(*batched_greedy_nms(boxes, scores, valid, 0.6, 40, groups=groups, window=window), 3)
     for image in range(2):
         candidates = valid[image].nonzero().squeeze(1)
         expected = candidates[batched_nms(boxes[image, candidates], scores[image, candidates],
                                           groups[image, candidates], 0.6)[:40]]
         assert torch.equal(kept[image], expected)
+
+
+def test_batched_nms_never_keeps_an_invalid_candidate():
+    """Invalid boxes stay out even where valid scores are -inf (they tie with the masked ones)."""
+    from rpn_cli.model.nms import batched_greedy_nms
+
+    boxes, scores, valid = _batch(3, images=2)
+    scores[0, :200] = float("-inf")
+    image, index = batched_greedy_nms(boxes, scores, valid, 0.5, 1000, window=8)
+    assert image.numel() > 0 and bool(valid[image, index].all())
+
+
+def test_batched_nms_on_nothing():
+    from rpn_cli.model.nms import batched_greedy_nms
+
+    image, index = batched_greedy_nms(torch.zeros(2, 0, 4), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool),
+                                      0.5, 10, groups=torch.zeros(2, 0, dtype=torch.int64))
+    assert image.numel() == index.numel() == 0

@@ -86,17 +86,9 @@ def test_settings_validation():
         ProposalSettings(post_nms_top_n=0).validated()
 
 
-@pytest.mark.parametrize("settings", [
-    ProposalSettings(),
-    ProposalSettings(nms_per_level=True),
-    ProposalSettings(top_n_before_filtering=True),
-    ProposalSettings(post_nms_top_n=2000, min_score=0.4),
-], ids=["seed-order", "nms-per-level", "top-n-first", "many-kept"])
-def test_a_batch_in_one_pass_equals_image_by_image(default_checkpoint, settings):
-    """The GPU's batched proposal layer against the per-image one, on the sample photos run as one padded
-    batch (each image clipped to its own size). Equal up to float rounding: same boxes, in the same order."""
-    from dataclasses import replace
-
+@pytest.fixture(scope="module")
+def sample_batch(default_checkpoint):
+    """The default checkpoint's outputs for the sample photos run as one padded batch (sizes differ)."""
     from conftest import SAMPLES
 
     from rpn_cli import Proposer
@@ -105,11 +97,71 @@ def test_a_batch_in_one_pass_equals_image_by_image(default_checkpoint, settings)
     proposer = Proposer(default_checkpoint, device="cpu", backend="torch", precision="float32")
     prepared = [proposer.prepare(path) for path in sorted(SAMPLES.glob("*.jpg"))]
     assert len({image.resized_size for image in prepared}) > 1
-    levels = run_model(proposer.model, prepared)
-    layer = replace(proposer.proposal_layer, settings=settings)
     sizes = torch.tensor([[image.resized_size[1], image.resized_size[0]] for image in prepared])
-    for index, (boxes, scores) in enumerate(layer.for_batch(levels, sizes)):
-        expected_boxes, expected_scores = layer(levels, index, int(sizes[index, 0]), int(sizes[index, 1]))
-        assert boxes.shape == expected_boxes.shape and boxes.shape[0] > 0
+    return run_model(proposer.model, prepared), sizes, proposer.proposal_layer
+
+
+def _one_pass_and_per_image(levels, sizes, layer):
+    boxes, scores, counts = layer.for_batch(levels, sizes)
+    per_image = [layer(levels, index, int(height), int(width)) for index, (height, width) in enumerate(sizes.tolist())]
+    return list(zip(boxes.split(counts), scores.split(counts))), per_image
+
+
+@pytest.mark.parametrize("settings", [
+    ProposalSettings(),
+    ProposalSettings(nms_per_level=True),
+    ProposalSettings(top_n_before_filtering=True),
+    ProposalSettings(post_nms_top_n=2000, min_score=0.4),
+    ProposalSettings(min_score=0.99),
+], ids=["seed-order", "nms-per-level", "top-n-first", "many-kept", "some-images-empty"])
+@pytest.mark.parametrize("score_kind", ["sigmoid", "softmax"])
+def test_a_batch_in_one_pass_equals_image_by_image(sample_batch, settings, score_kind):
+    """The GPU's one-pass proposal layer against the per-image one, each image clipped to its own size:
+    in float32 the same boxes in the same order, up to float rounding."""
+    from dataclasses import replace
+
+    levels, sizes, layer = sample_batch
+    layer = replace(layer, settings=settings, score_kind=score_kind)
+    if score_kind == "softmax":  # logits (N, M, 2) whose softmax is the sigmoid of the real ones
+        levels = [replace(level, logits=torch.stack((torch.zeros_like(level.logits), level.logits), -1))
+                  for level in levels]
+    one_pass, per_image = _one_pass_and_per_image(levels, sizes, layer)
+    assert sum(expected.shape[0] > 0 for expected, _ in per_image) >= 1
+    for (boxes, scores), (expected_boxes, expected_scores) in zip(one_pass, per_image):
+        assert boxes.shape == expected_boxes.shape
         torch.testing.assert_close(boxes, expected_boxes, rtol=0, atol=1e-3)
         torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
+    if settings.min_score == 0.99:
+        assert any(expected.shape[0] == 0 for expected, _ in per_image)
+
+
+def test_infinite_logits_in_one_pass_as_image_by_image(sample_batch):
+    """A logit of +inf (probability 1) is a proposal and -inf (probability 0) one at min score 0, in both."""
+    from dataclasses import replace
+
+    levels, sizes, layer = sample_batch
+    layer = replace(layer, settings=ProposalSettings(top_n_before_filtering=True))
+    logits = levels[1].logits.clone()
+    logits[:, 100], logits[:, 200] = float("inf"), float("-inf")
+    levels = [levels[0], replace(levels[1], logits=logits), *levels[2:]]
+    one_pass, per_image = _one_pass_and_per_image(levels, sizes, layer)
+    for (boxes, scores), (expected_boxes, expected_scores) in zip(one_pass, per_image):
+        assert float(expected_scores[0]) == 1.0 and boxes.shape == expected_boxes.shape
+        torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
+
+
+def test_bfloat16_logits_in_one_pass_keep_equally_good_boxes(sample_batch):
+    """Rounded to bfloat16 many scores tie, and which of the tied boxes are kept may differ: the stated
+    tolerance is the same number of boxes, at least 95% of each image's found by the other at IoU 0.9
+    (97-99% on these photos), and scores at each rank within 0.005 on average (at most 0.002 here)."""
+    from dataclasses import replace
+
+    from torchvision.ops import box_iou
+
+    levels, sizes, layer = sample_batch
+    levels = [replace(level, logits=level.logits.to(torch.bfloat16)) for level in levels]
+    one_pass, per_image = _one_pass_and_per_image(levels, sizes, layer)
+    for (boxes, scores), (expected_boxes, expected_scores) in zip(one_pass, per_image):
+        assert boxes.shape == expected_boxes.shape
+        assert float((box_iou(boxes, expected_boxes).max(dim=1).values >= 0.9).float().mean()) >= 0.95
+        assert float((scores - expected_scores).abs().mean()) < 0.005
