@@ -1,6 +1,7 @@
 """Our checkpoint format, the seed-project import, and a hand-built model whose proposals are known."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,15 +174,16 @@ def test_spec_json_is_complete(tmp_path):
     assert json.loads(json.dumps(data)) == data
 
 
-def test_a_checkpoint_written_before_the_typed_description_reads_back_unchanged(default_checkpoint):
-    # The shipped file was written by the dict-based description: its JSON must come back key for key.
-    from safetensors import safe_open
+def test_a_checkpoint_written_before_the_typed_description_reads_back_unchanged(tmp_path):
+    # The description the dict-based version wrote into the fourth stage's default checkpoint (its
+    # provenance cut short): it must come back key for key.
+    from safetensors.torch import save_file
 
     from rpn_cli.io.checkpoint import METADATA_KEY, read_spec
 
-    with safe_open(str(default_checkpoint), "pt") as handle:
-        stored = json.loads(handle.metadata()[METADATA_KEY])
-    spec = read_spec(default_checkpoint)
+    stored = json.loads((Path(__file__).parent / "data" / "description_before_typed_spec.json").read_text())
+    save_file({"unused": torch.zeros(1)}, tmp_path / "old.safetensors", metadata={METADATA_KEY: json.dumps(stored)})
+    spec = read_spec(tmp_path / "old.safetensors")
     assert spec.preprocess.size == stored["preprocess"]["size"] and spec.levels[0].stride == stored["levels"][0]["stride"]
     now = spec.to_dict()
     assert set(now) == set(stored)
