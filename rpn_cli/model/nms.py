@@ -125,13 +125,12 @@ def batched_greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.T
             kept.update(zip(images, found))
         pending = [b for b in pending if kept[b].numel() < max_keep and size < valid_counts[b]]
         size *= 2
-    images = [b for b in range(count) if b in kept]
-    if not images:
+    if not kept:
         return empty, empty
-    index = torch.cat([kept[b][:max_keep] for b in images])
-    image = torch.cat([torch.full((min(kept[b].numel(), max_keep),), b, dtype=torch.int64, device=device)
-                       for b in images])
-    return image, index
+    per_image = [kept[b][:max_keep] for b in sorted(kept)]
+    image = torch.repeat_interleave(torch.tensor(sorted(kept), device=device),
+                                    torch.tensor([found.numel() for found in per_image], device=device))
+    return image, torch.cat(per_image)
 
 
 def _nms_round(boxes: torch.Tensor, scores: torch.Tensor, order: torch.Tensor, groups: torch.Tensor | None,
@@ -140,19 +139,19 @@ def _nms_round(boxes: torch.Tensor, scores: torch.Tensor, order: torch.Tensor, g
     """One kernel call on the best ``sizes[i]`` candidates of each of ``images``; per image, the indices
     (into its row of ``boxes``) that NMS keeps, best first."""
     device = boxes.device
-    rows = torch.tensor(images, device=device)
-    image = torch.repeat_interleave(rows, torch.tensor(sizes, device=device), output_size=sum(sizes))
-    rank = torch.cat([torch.arange(size, device=device) for size in sizes])
+    lengths = torch.tensor(sizes, device=device)
+    total = sum(sizes)
+    # position: which of ``images`` each chosen box belongs to; rank: its place in that image's order.
+    position = torch.repeat_interleave(torch.arange(len(images), device=device), lengths, output_size=total)
+    rank = torch.arange(total, device=device) - (torch.cumsum(lengths, 0) - lengths)[position]
+    image = torch.tensor(images, device=device)[position]
     index = order[image, rank]
     chosen = boxes[image, index]
     # Images (and groups within one) as consecutive blocks of coordinates, none overlapping another.
-    block = torch.repeat_interleave(torch.arange(len(images), device=device), torch.tensor(sizes, device=device),
-                                    output_size=sum(sizes))
-    if groups is not None:
-        block = block * group_count + groups[image, index]
+    block = position if groups is None else position * group_count + groups[image, index]
     offsets = block.to(chosen.dtype)[:, None] * (chosen.max() + 1)
     survivors = nms(chosen + offsets, scores[image, index], float(iou_threshold))
     # The kernel returns all images' survivors by score; a stable sort by image keeps each image's order.
-    survivors = survivors[torch.sort(image[survivors], stable=True).indices]
-    counts = torch.bincount(image[survivors], minlength=max(images) + 1)[rows].tolist()
+    survivors = survivors[torch.sort(position[survivors], stable=True).indices]
+    counts = torch.bincount(position[survivors], minlength=len(images)).tolist()
     return list(index[survivors].split(counts))

@@ -61,23 +61,24 @@ class ProposalLayer:
         levels: the network's per-level outputs (``LevelOutput``: logits (N, M_l) or (N, M_l, 2),
         deltas (N, M_l, 4), anchors (M_l, 4)); the image is ``image_height x image_width`` resized pixels.
         """
-        sigmoid = self.score_kind == "sigmoid"
-        scores = [level.logits[index].float() if sigmoid else objectness(level.logits[index], self.score_kind)
-                  for level in levels]
-        return proposals_for_image(scores, [level.deltas[index] for level in levels],
-                                   [level.anchors for level in levels], image_height, image_width, self.settings,
-                                   self.box_weights, self.delta_clamp, scores_are_logits=sigmoid)
+        return proposals_for_image([self._scores(level.logits[index]) for level in levels],
+                                   [level.deltas[index] for level in levels], [level.anchors for level in levels],
+                                   image_height, image_width, self.settings, self.box_weights, self.delta_clamp,
+                                   scores_are_logits=self.score_kind == "sigmoid")
 
     def for_batch(self, levels: Sequence,
                   image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Boxes (K, 4), scores (K,) and per-image counts of every image of a batch, from a few whole-batch
         operations (see :func:`proposals_for_images`); ``image_sizes``: (N, 2) each image's resized
         (height, width)."""
-        sigmoid = self.score_kind == "sigmoid"
-        scores = [level.logits.float() if sigmoid else objectness(level.logits, self.score_kind) for level in levels]
-        return proposals_for_images(scores, [level.deltas for level in levels], [level.anchors for level in levels],
+        return proposals_for_images([self._scores(level.logits) for level in levels],
+                                    [level.deltas for level in levels], [level.anchors for level in levels],
                                     image_sizes, self.settings, self.box_weights, self.delta_clamp,
-                                    scores_are_logits=sigmoid)
+                                    scores_are_logits=self.score_kind == "sigmoid")
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sigmoid logits as they are (ranked as logits), softmax pairs as objectness probabilities."""
+        return logits.float() if self.score_kind == "sigmoid" else objectness(logits, self.score_kind)
 
 
 def objectness(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
