@@ -44,21 +44,25 @@ def _example_input(spec: ModelSpec) -> torch.Tensor:
 
 def export_model(checkpoint: str | Path, destination: str | Path, export_format: str, *,
                  calibration: Sequence[Path] = (), calibration_count: int = 200,
+                 calibration_method: str = "percentile",
                  on_skipped: Callable[[Path, str], None] = lambda path, problem: None) -> int:
     """Write the checkpoint's network to ONNX (dynamic batch and image size), int8 ONNX (calibrated on
-    up to ``calibration_count`` of the ``calibration`` photos, see :mod:`.quantize`) or TorchScript.
+    up to ``calibration_count`` of the ``calibration`` photos by ``calibration_method``, see
+    :mod:`.quantize`) or TorchScript.
     Returns the number of calibration photos used (0 for the float formats)."""
     if export_format not in EXPORT_FORMATS:
         raise UsageError(f"--format {export_format}: choose from {', '.join(EXPORT_FORMATS)}")
     if export_format == "onnx-int8":
         if not calibration:
             raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")
-        from .quantize import quantize_onnx
+        from .quantize import check_calibration_method, quantize_onnx
 
+        check_calibration_method(calibration_method)
         with tempfile.TemporaryDirectory(prefix="rpn-export-") as work:
             fp32 = Path(work) / "fp32.onnx"
             export_model(checkpoint, fp32, "onnx")
-            return quantize_onnx(fp32, destination, calibration, count=calibration_count, on_skipped=on_skipped,
+            return quantize_onnx(fp32, destination, calibration, count=calibration_count,
+                                 method=calibration_method, on_skipped=on_skipped,
                                  source=Path(checkpoint))
     model = load_checkpoint(checkpoint, "cpu")
     wrapper = _RawOutputs(model).eval()
