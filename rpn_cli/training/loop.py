@@ -87,7 +87,7 @@ class TrainConfig:
 class TrainingImage:
     path: Path
     boxes: np.ndarray  # (K, 4) x1y1x2y2, original pixels, crowd removed
-    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (R, 4) unknown regions
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (R, 4) crowd, unknown regions
     confidence: np.ndarray | None = None  # (K,) objectness target of each box; None: all 1
 
 
@@ -170,12 +170,13 @@ def _training_images(
     images: list[AnnotatedImage], teacher: YoloxTeacher | None, threshold: float, ignore_threshold: float,
     cache_file: Path, report: Reporter, soft_targets: bool = False,
 ) -> list[TrainingImage]:
-    """Boxes to train on: annotations (crowd removed) plus, with a teacher, its boxes for what they miss;
-    unlabeled images only with a teacher. On partially labelled and unlabeled images the teacher's less
-    sure boxes become ignore regions. With ``soft_targets`` each teacher box carries its objectness.
-    Teacher detections are cached in ``cache_file``."""
+    """Boxes to train on: annotations plus, with a teacher, its boxes for what they miss; unlabeled
+    images only with a teacher. Crowd boxes (COCO ``iscrowd``, VOC ``difficult``) are ignore regions: many
+    objects there, none boxed, so no anchor there is taught background; on partially labelled and
+    unlabeled images so are the teacher's less sure boxes. With ``soft_targets`` each teacher box carries
+    its objectness. Teacher detections are cached in ``cache_file``."""
     if teacher is None:
-        return [TrainingImage(image.path, image.boxes[~image.crowd]) for image in images
+        return [TrainingImage(image.path, image.boxes[~image.crowd], image.boxes[image.crowd]) for image in images
                 if image.labelled and image.categories is None]
     detections = _teacher_detections(images, teacher, min(threshold, ignore_threshold), cache_file, report)
     result = []
@@ -183,17 +184,18 @@ def _training_images(
         rows = detections.get(str(image.path))
         if rows is None:
             continue
-        annotated = image.boxes[~image.crowd]
+        annotated, crowd = image.boxes[~image.crowd], image.boxes[image.crowd]
         if image.labelled and image.categories is None:
             confident = rows[rows[:, 4] >= threshold]
             boxes = merge_teacher_boxes(annotated, confident[:, :4])
             confidence = merged_confidence(annotated, confident[:, :4], confident[:, 4]) if soft_targets else None
-            result.append(TrainingImage(image.path, boxes, confidence=confidence))
+            result.append(TrainingImage(image.path, boxes, crowd, confidence))
             continue
         labelled = image.categories if image.labelled else frozenset()
         boxes, confidence, ignore = partial_label_targets(annotated, labelled, rows[:, :4], rows[:, 4],
                                                           rows[:, 5].astype(np.int64), threshold, ignore_threshold)
-        result.append(TrainingImage(image.path, boxes, ignore, confidence if soft_targets else None))
+        result.append(TrainingImage(image.path, boxes, np.concatenate((ignore, crowd)),
+                                    confidence if soft_targets else None))
     return result
 
 

@@ -179,6 +179,30 @@ def test_coco_and_voc_readers_agree(tmp_path):
         load_coco(folder / "broken.json")
 
 
+def test_crowd_boxes_are_ignore_regions_with_or_without_a_teacher(tmp_path):
+    from rpn_cli.training.loop import _training_images
+
+    folder = _synthetic_dataset(tmp_path)  # image 1 has two boxes and a 10 x 10 crowd box at the corner
+    crowd = [[0.0, 0.0, 10.0, 10.0]]
+    first = _training_images(load_coco(folder / "instances.json"), None, 0.3, 0.1, tmp_path / "c0.json",
+                             lambda event: None)[0]
+    assert len(first.boxes) == 2 and first.ignore.tolist() == crowd
+
+    class Teacher:  # one sure and one unsure detection of another category on every photo
+        fingerprint = "test"
+
+        def detections(self, image, min_score):
+            return (np.array([[60, 60, 90, 90], [100, 10, 120, 30]], np.float32), np.array([0.9, 0.15], np.float32),
+                    np.array([2, 3]))
+
+    for partial in (False, True):
+        first = _training_images(load_coco(folder / "instances.json", partial=partial), Teacher(), 0.3, 0.1,
+                                 tmp_path / f"c{partial}.json", lambda event: None)[0]
+        assert [60, 60, 90, 90] in first.boxes.tolist() and crowd[0] not in first.boxes.tolist()
+        # The unsure detection is an unknown region only where the annotations are partial.
+        assert first.ignore.tolist() == ([[100, 10, 120, 30]] if partial else []) + crowd
+
+
 def _small_spec():
     return default_mobilenet_spec(fpn_channels=32, mid_channels=32, shorter_side=128, max_size=160)
 
