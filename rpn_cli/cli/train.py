@@ -41,6 +41,7 @@ def train(
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
     freeze_blocks: Annotated[Optional[int], typer.Option("--freeze-blocks", min=0, help="Trunk blocks kept fixed, counted from the input (resnet50-c4: conv, BatchNorm, ReLU, max-pool, layer1-3; MobileNetV2: its 18 feature blocks). Default: 4 from trained weights, 0 from scratch.")] = None,
     train_sizes: Annotated[str, typer.Option("--train-sizes", help="Shorter sides to train at, comma-separated; each batch picks one.")] = "416,448,480,512,544,576,608",
+    loader_threads: Annotated[Optional[int], typer.Option("--loader-threads", min=0, help="Threads decoding and augmenting the next batch while one trains. [default: the cores the network leaves free: none on a CPU, up to 4 beside a GPU]")] = None,
     allowed_border: Annotated[Optional[float], typer.Option("--allowed-border", help="Leave out of the loss anchors crossing the image border by more than this many pixels (0: the Faster R-CNN paper's rule). Default: every anchor takes part.")] = None,
     shorter_side: Annotated[Optional[int], typer.Option("--shorter-side", min=32, help="Test-time shorter side written into the checkpoint. Default: 512 (mobilenet_v2_fpn), 600 (resnet50-c4).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
@@ -92,7 +93,7 @@ def train(
             backbone_weights=str(weights) if weights and not init else None,
             init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
             teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,
-            train_sizes=sizes, command=command_line(),
+            train_sizes=sizes, loader_threads=loader_threads, command=command_line(),
         )
         if not resume and (work_dir / "last.pt").exists():
             (work_dir / "last.pt").unlink()

@@ -6,9 +6,10 @@ import json
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ..evaluation.recall import (
     proposals_from_model,
     readable_only,
 )
+from ..inference.devices import default_decode_workers
 from ..inference.proposer import Proposer
 from ..io.checkpoint import load_checkpoint, load_plain_torch_file, save_checkpoint
 from ..io.converters import load_imagenet_weights
@@ -77,6 +79,9 @@ class TrainConfig:
     # None: every anchor takes part (torchvision's rule); a number: anchors crossing the border by more
     # than that many pixels are left out (the paper's rule is 0). See README, "Training".
     allowed_border: float | None = None
+    # Threads decoding and augmenting the next batch while one trains; None: the cores the network
+    # leaves free (none on a CPU, where its own threads take them all).
+    loader_threads: int | None = None
     command: str = ""
 
     def to_dict(self) -> dict:
@@ -396,23 +401,19 @@ def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: tor
     model.train()
     if not run.from_scratch:
         _frozen_batchnorm(model.backbone)
+    # One generator orders the images, then samples the anchors of every step.
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    rng = random.Random(config.seed * 1000 + epoch)
-    order = torch.randperm(len(run.samples), generator=generator).tolist()
+    batches = _epoch_batches(run, epoch, generator)
+    threads = config.loader_threads if config.loader_threads is not None else default_decode_workers(device)
     size_divisible = spec.preprocess.size_divisible
     sums = {"objectness": 0.0, "box": 0.0}
-    for step in range(run.steps_per_epoch):
-        chosen = [run.samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
-        size = rng.choice(config.train_sizes)
+    for step, loaded in enumerate(_load_batches(batches, spec, threads)):
         tensors, boxes, ignores, confidences, sizes = [], [], [], [], []
-        for sample in chosen:
-            try:
-                image = load_image(sample.path)
-            except ImageError as error:
-                report(TrainEvent("warning", message=f"skipped: {error}"))
+        for sample in loaded:
+            if isinstance(sample, ImageError):
+                report(TrainEvent("warning", message=f"skipped: {sample}"))
                 continue
-            tensor, scaled, ignore, confidence = _augmented(image, sample.boxes, sample.ignore, sample.confidence, spec,
-                                                            size, rng.random() < 0.5)
+            tensor, scaled, ignore, confidence = sample
             tensors.append(tensor)
             boxes.append(scaled.to(device))
             ignores.append(ignore.to(device))
@@ -435,6 +436,47 @@ def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: tor
         report(TrainEvent("step", done=step + 1, total=run.steps_per_epoch, epoch=epoch + 1,
                           losses={key: value / (step + 1) for key, value in sums.items()}))
     return {key: round(value / run.steps_per_epoch, 5) for key, value in sums.items()}
+
+
+def _epoch_batches(run: _Run, epoch: int, generator: torch.Generator) -> list[list[tuple[TrainingImage, int, bool]]]:
+    """Each step's (image, shorter side, mirrored) triples: an order from ``generator``, one size a batch
+    drawn from ``train_sizes``, a coin per image; drawn up front, so loading threads cannot change them."""
+    config = run.config
+    rng = random.Random(config.seed * 1000 + epoch)
+    order = torch.randperm(len(run.samples), generator=generator).tolist()
+    batches = []
+    for step in range(run.steps_per_epoch):
+        size = rng.choice(config.train_sizes)
+        chosen = order[step * config.batch_size:(step + 1) * config.batch_size]
+        batches.append([(run.samples[index], size, rng.random() < 0.5) for index in chosen])
+    return batches
+
+
+def _load_sample(sample: TrainingImage, spec: ModelSpec, size: int, flip: bool):
+    """:func:`_augmented` of one training image, or the :class:`ImageError` that reading it raised."""
+    try:
+        image = load_image(sample.path)
+    except ImageError as error:
+        return error
+    return _augmented(image, sample.boxes, sample.ignore, sample.confidence, spec, size, flip)
+
+
+def _load_batches(batches: list, spec: ModelSpec, threads: int) -> Iterator[list]:
+    """The loaded samples of each batch in turn. With ``threads``, the images of the next batch are
+    decoded and augmented by that many threads while the current one trains (Pillow lets go of the
+    GIL while it decodes and resizes); with 0, each batch is loaded when its turn comes."""
+    if threads == 0:
+        for batch in batches:
+            yield [_load_sample(sample, spec, size, flip) for sample, size, flip in batch]
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpn-train-load") as pool:
+        def submit(batch):
+            return [pool.submit(_load_sample, sample, spec, size, flip) for sample, size, flip in batch]
+
+        pending = submit(batches[0]) if batches else []
+        for index in range(len(batches)):
+            current, pending = pending, submit(batches[index + 1]) if index + 1 < len(batches) else []
+            yield [future.result() for future in current]
 
 
 def _finish(run: _Run, work_dir: Path) -> dict:

@@ -310,14 +310,31 @@ def test_training_with_a_teacher_labels_unlabeled_folders(tmp_path, teacher_mode
     assert all(len(cache["images"][key]) > 0 for key in labelled_by_teacher)
 
 
-def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path):
+def test_loading_threads_train_the_very_model_sequential_loading_trains(tmp_path):
+    # Sizes, order and flips are drawn before loading, so threads decoding ahead change nothing.
+    folder = _synthetic_dataset(tmp_path / "data", count=7)
+    weights = []
+    for threads in (0, 3):
+        config = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / f"work{threads}"),
+                             epochs=2, batch_size=2, validation_count=1, train_sizes=[128, 160], warmup_steps=1,
+                             loader_threads=threads)
+        train(config, _small_spec(), torch.device("cpu"), lambda event: None)
+        weights.append(torch.load(tmp_path / f"work{threads}" / "last.pt", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
+@pytest.mark.parametrize("loader_threads", [0, 2])
+def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path, loader_threads):
     folder = _synthetic_dataset(tmp_path / "data")
     images = load_coco(folder / "instances.json")
     train_part, _ = split_validation(images, 1, seed=0)
     broken = train_part[0].path
     broken.write_bytes(b"not a jpeg")
     config = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "work"), epochs=1,
-                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1)
+                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1,
+                         loader_threads=loader_threads)
     events = []
     train(config, _small_spec(), torch.device("cpu"), events.append)
     warnings = [e.message for e in events if e.kind == "warning"]
