@@ -328,8 +328,10 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     return _finish(run, work_dir)
 
 
-def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir: Path, report: Reporter) -> _Run:
-    """Data (validation held out, teacher boxes), the model (initialised, partly frozen) and its optimizer."""
+def training_data(config: TrainConfig, work_dir: Path,
+                  report: Reporter = lambda event: None) -> tuple[list[TrainingImage], list[AnnotatedImage]]:
+    """What a run trains on (boxes and ignore regions per photo, teacher boxes included; the teacher's
+    detections cached in ``work_dir``) and what it validates on, from ``config``'s data options."""
     images: list[AnnotatedImage] = []
     for source in config.sources:
         images.extend(load_dataset(source))
@@ -351,7 +353,12 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
                                work_dir / "teacher_detections.json", report, config.soft_targets)
     if not samples:
         raise UsageError("no training images")
+    return samples, validation
 
+
+def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir: Path, report: Reporter) -> _Run:
+    """Data (validation held out, teacher boxes), the model (initialised, partly frozen) and its optimizer."""
+    samples, validation = training_data(config, work_dir, report)
     initialised_from = None
     if config.init_checkpoint:
         model = load_checkpoint(config.init_checkpoint, "cpu")

@@ -1,0 +1,112 @@
+"""A training set that travels: `rpn train`'s data, labels resolved, photos shrunk, in plain COCO files.
+
+    python benchmarks/training_bundle.py OUT DATA... [--partial F.json] [--teacher M.onnx]
+        [--teacher-threshold 0.2] [--validation-set VAL.json] --work-dir DIR
+        [--shorter-side 416] [--quality 50]
+
+Takes the data options of `rpn train` and writes what a run of it would train on:
+OUT/train/instances.json and OUT/train/images/*.webp (each photo's boxes: annotations merged with
+the teacher's; ignore regions, such as the teacher's less sure boxes on partially labelled photos, as
+crowd boxes, which `rpn train` ignores), and OUT/validation/ the same way for --validation-set. Photos
+larger than --shorter-side are scaled down to it and stored as WebP, so that the set fits where little
+can be carried (a GPU machine that gets 64 MiB with the repository); the teacher is then not needed
+there: `rpn train OUT/train/instances.json --validation-set OUT/validation/instances.json ...`.
+The teacher's detections are cached in --work-dir as `rpn train` caches them (the same folder reuses
+them). Soft targets are not carried.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rpn_cli.errors import RpnError  # noqa: E402
+from rpn_cli.io.files import atomic_write_bytes  # noqa: E402
+from rpn_cli.io.images import load_image  # noqa: E402
+from rpn_cli.training.loop import TrainConfig, training_data  # noqa: E402
+
+
+def _shrunk(path: Path, shorter_side: int) -> tuple[Image.Image, float]:
+    """The photo (as rpn reads it) scaled down to ``shorter_side`` if larger, and the scale."""
+    image = load_image(path)
+    scale = min(1.0, shorter_side / min(image.width, image.height))
+    if scale < 1.0:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    return image, scale
+
+
+def _coco_boxes(rows: np.ndarray, scale: float) -> list[list[float]]:
+    """x1y1x2y2 rows to COCO [x, y, w, h], scaled."""
+    return [[round(float(x1) * scale, 2), round(float(y1) * scale, 2), round(float(x2 - x1) * scale, 2),
+             round(float(y2 - y1) * scale, 2)] for x1, y1, x2, y2 in rows]
+
+
+def write_set(folder: Path, photos: list[tuple[Path, np.ndarray, np.ndarray]], shorter_side: int, quality: int) -> int:
+    """Write ``photos`` ((path, boxes, ignore regions) each, original pixels) as a COCO set in ``folder``;
+    returns the bytes of images written. Unreadable photos are left out with a line on stderr."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations, names, written = [], [], set(), 0
+    for path, boxes, ignore in photos:
+        try:
+            image, scale = _shrunk(path, shorter_side)
+        except RpnError as error:
+            print(f"skipped: {error}", file=sys.stderr)
+            continue
+        name, copy = f"{path.stem}.webp", 1
+        while name in names:  # two folders can hold photos of one name
+            copy += 1
+            name = f"{path.stem}-{copy}.webp"
+        names.add(name)
+        image.save(folder / "images" / name, "WEBP", quality=quality)
+        written += (folder / "images" / name).stat().st_size
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height,
+                       "source": str(path)})
+        for crowd, rows in ((0, boxes), (1, ignore)):
+            for box in _coco_boxes(rows, scale):
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "bbox": box,
+                                    "area": round(box[2] * box[3], 2), "iscrowd": crowd})
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+    atomic_write_bytes(folder / "instances.json", lambda tmp: Path(tmp).write_text(json.dumps(coco)))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("data", nargs="*", default=[])
+    parser.add_argument("--partial", action="append", default=[])
+    parser.add_argument("--validation-set", action="append", default=[])
+    parser.add_argument("--teacher")
+    parser.add_argument("--teacher-threshold", type=float, default=0.3)
+    parser.add_argument("--teacher-ignore-threshold", type=float, default=0.1)
+    parser.add_argument("--work-dir", type=Path, required=True, help="Where the teacher's detections are cached.")
+    parser.add_argument("--shorter-side", type=int, default=416)
+    parser.add_argument("--quality", type=int, default=50, help="WebP quality (0-100).")
+    args = parser.parse_args()
+    config = TrainConfig(sources=args.data, work_dir=str(args.work_dir), partial_sources=args.partial,
+                         validation_sets=args.validation_set, teacher=args.teacher,
+                         teacher_threshold=args.teacher_threshold,
+                         teacher_ignore_threshold=args.teacher_ignore_threshold, validation_count=0)
+    try:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        samples, validation = training_data(config, args.work_dir)
+        train_bytes = write_set(args.out / "train", [(s.path, s.boxes, s.ignore) for s in samples],
+                                args.shorter_side, args.quality)
+        validation_bytes = write_set(args.out / "validation",
+                                     [(v.path, v.boxes[~v.crowd], v.boxes[v.crowd]) for v in validation],
+                                     args.shorter_side, args.quality) if validation else 0
+    except RpnError as error:
+        sys.exit(f"error: {error}")
+    print(f"{args.out}: {len(samples)} training photos ({train_bytes / 2**20:.1f} MiB), {len(validation)} "
+          f"validation photos ({validation_bytes / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
