@@ -2,7 +2,7 @@
 
     python benchmarks/training_bundle.py OUT DATA... [--partial F.json] [--teacher M.onnx]
         [--teacher-threshold 0.2] [--validation-set VAL.json] --work-dir DIR
-        [--shorter-side 416] [--quality 50]
+        [--shorter-side 416] [--quality 35]
 
 Takes the data options of `rpn train` and writes what a run of it would train on:
 OUT/train/instances.json and OUT/train/images/*.webp (each photo's boxes: annotations merged with
@@ -63,7 +63,7 @@ def write_set(folder: Path, photos: list[tuple[Path, np.ndarray, np.ndarray]], s
             copy += 1
             name = f"{path.stem}-{copy}.webp"
         names.add(name)
-        image.save(folder / "images" / name, "WEBP", quality=quality)
+        image.save(folder / "images" / name, "WEBP", quality=quality, method=6)  # slowest, smallest
         written += (folder / "images" / name).stat().st_size
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height,
@@ -73,7 +73,7 @@ def write_set(folder: Path, photos: list[tuple[Path, np.ndarray, np.ndarray]], s
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "bbox": box,
                                     "area": round(box[2] * box[3], 2), "iscrowd": crowd})
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
-    atomic_write_bytes(folder / "instances.json", lambda tmp: Path(tmp).write_text(json.dumps(coco)))
+    atomic_write_bytes(folder / "instances.json", lambda tmp: Path(tmp).write_text(json.dumps(coco, separators=(",", ":"))))
     return written
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--teacher-ignore-threshold", type=float, default=0.1)
     parser.add_argument("--work-dir", type=Path, required=True, help="Where the teacher's detections are cached.")
     parser.add_argument("--shorter-side", type=int, default=416)
-    parser.add_argument("--quality", type=int, default=50, help="WebP quality (0-100).")
+    parser.add_argument("--quality", type=int, default=35, help="WebP quality (0-100).")
     args = parser.parse_args()
     config = TrainConfig(sources=args.data, work_dir=str(args.work_dir), partial_sources=args.partial,
                          validation_sets=args.validation_set, teacher=args.teacher,
