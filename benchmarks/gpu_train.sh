@@ -10,13 +10,16 @@
 #   python benchmarks/training_bundle.py .bundle DATA... --validation-set VAL.json --work-dir DIR ...
 # then run `bash benchmarks/gpu_train.sh .bundle` with .bundle carried. DEVICE=cpu runs it here, for a
 # dry run on a small bundle. Score the result here on the original photos (rpn eval), not the bundle's.
+# Relative paths are taken from the repository's root. Give the device call a limit above SECONDS plus a
+# minute or two for start-up: the checkpoint is copied to OUT only at the end.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 bundle="${1:?usage: gpu_train.sh BUNDLE [SECONDS] [INIT]}"
 budget="${2:-420}"
 init="${3:-rpn_cli/weights/rpn_mobilenet_v2_fpn.safetensors}"
 device="${DEVICE:-cuda}"
 out="${OUT:-.}"
+mkdir -p "$out" || exit 1
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 log="$out/gpu_train.log"
@@ -29,7 +32,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 started=$(date +%s)
 train=("$python" -m rpn_cli train "$bundle/train/instances.json" --init "$init" --device "$device"
-       --batch-size "${BATCH:-16}" --lr "${LR:-0.02}" --seed "${SEED:-0}")
+       --batch-size "${BATCH:-16}" --lr "${LR:-0.02}" --seed "${SEED:-0}" --loader-threads "${THREADS:-12}")
 if [ -f "$bundle/validation/instances.json" ]; then
     train+=(--validation-set "$bundle/validation/instances.json")
 else
@@ -47,12 +50,14 @@ fi
     echo "one epoch took ${per_epoch} s; ${left} s left: ${epochs} epochs"
     if [ "$epochs" -lt 1 ]; then
         echo "no time left for a run: keeping the probe's epoch"
-        cp "$work/probe/final.safetensors" "$out/gpu_train.safetensors"
+        cp "$work/probe/final.safetensors" "$out/gpu_train.safetensors" || exit 1
         exit 0
     fi
     echo "## run: ${epochs} epochs"
     "${train[@]}" --epochs "$epochs" --work-dir "$work/run" 2>&1 || exit 1
-    cp "$work/run/final.safetensors" "$out/gpu_train.safetensors"
+    cp "$work/run/final.safetensors" "$out/gpu_train.safetensors" || exit 1
     echo "wrote $out/gpu_train.safetensors in $(( $(date +%s) - started )) s"
 } 2>&1 | tee "$log"
-exit "${PIPESTATUS[0]}"
+status=("${PIPESTATUS[@]}")
+[ "${status[0]}" -ne 0 ] && exit "${status[0]}"
+exit "${status[1]}"

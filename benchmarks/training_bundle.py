@@ -12,7 +12,8 @@ larger than --shorter-side are scaled down to it and stored as WebP, so that the
 can be carried (a GPU machine that gets 64 MiB with the repository); the teacher is then not needed
 there: `rpn train OUT/train/instances.json --validation-set OUT/validation/instances.json ...`.
 The teacher's detections are cached in --work-dir as `rpn train` caches them (the same folder reuses
-them). Soft targets are not carried.
+them). Without --validation-set every photo goes to train/ (as `rpn train --validation 0`). Soft
+targets are not carried.
 """
 
 import argparse
@@ -32,49 +33,62 @@ from rpn_cli.io.images import load_image  # noqa: E402
 from rpn_cli.training.loop import TrainConfig, training_data  # noqa: E402
 
 
-def _shrunk(path: Path, shorter_side: int) -> tuple[Image.Image, float]:
-    """The photo (as rpn reads it) scaled down to ``shorter_side`` if larger, and the scale."""
-    image = load_image(path)
-    scale = min(1.0, shorter_side / min(image.width, image.height))
+def _shrunk(path: Path, shorter_side: int) -> tuple[Image.Image, float, float]:
+    """The photo (as rpn reads it) scaled down to ``shorter_side`` if larger, and its x and y scales
+    (each side's, as the sizes are rounded)."""
+    original = load_image(path)
+    scale = min(1.0, shorter_side / min(original.width, original.height))
+    image = original
     if scale < 1.0:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-    return image, scale
+        image = original.resize((round(original.width * scale), round(original.height * scale)),
+                                Image.Resampling.LANCZOS)
+    return image, image.width / original.width, image.height / original.height
 
 
-def _coco_boxes(rows: np.ndarray, scale: float) -> list[list[float]]:
+def _coco_boxes(rows: np.ndarray, sx: float, sy: float) -> list[list[float]]:
     """x1y1x2y2 rows to COCO [x, y, w, h], scaled."""
-    return [[round(float(x1) * scale, 2), round(float(y1) * scale, 2), round(float(x2 - x1) * scale, 2),
-             round(float(y2 - y1) * scale, 2)] for x1, y1, x2, y2 in rows]
+    return [[round(float(x1) * sx, 2), round(float(y1) * sy, 2), round(float(x2 - x1) * sx, 2),
+             round(float(y2 - y1) * sy, 2)] for x1, y1, x2, y2 in rows]
 
 
-def write_set(folder: Path, photos: list[tuple[Path, np.ndarray, np.ndarray]], shorter_side: int, quality: int) -> int:
-    """Write ``photos`` ((path, boxes, ignore regions) each, original pixels) as a COCO set in ``folder``;
-    returns the bytes of images written. Unreadable photos are left out with a line on stderr."""
+def write_set(folder: Path, photos: list[tuple[Path, np.ndarray, np.ndarray, np.ndarray | None]], shorter_side: int,
+              quality: int) -> int:
+    """Write ``photos`` ((path, boxes, ignore regions, COCO areas of the boxes or None) each, original
+    pixels) as a COCO set in ``folder``; returns the bytes of images written. Unreadable photos are left
+    out with a line on stderr."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, annotations, names, written = [], [], set(), 0
-    for path, boxes, ignore in photos:
+    for path, boxes, ignore, areas in photos:
         try:
-            image, scale = _shrunk(path, shorter_side)
+            image, sx, sy = _shrunk(path, shorter_side)
         except RpnError as error:
             print(f"skipped: {error}", file=sys.stderr)
             continue
-        name, copy = f"{path.stem}.webp", 1
+        # The whole original name, so that rpn train's by-name exclusion of validation photos still holds.
+        name, copy = f"{path.name}.webp", 1
         while name in names:  # two folders can hold photos of one name
             copy += 1
-            name = f"{path.stem}-{copy}.webp"
+            name = f"{path.name}-{copy}.webp"
         names.add(name)
         image.save(folder / "images" / name, "WEBP", quality=quality, method=6)  # slowest, smallest
         written += (folder / "images" / name).stat().st_size
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height,
                        "source": str(path)})
-        for crowd, rows in ((0, boxes), (1, ignore)):
-            for box in _coco_boxes(rows, scale):
+        for crowd, rows, row_areas in ((0, boxes, areas), (1, ignore, None)):
+            for index, box in enumerate(_coco_boxes(rows, sx, sy)):
+                # COCO's area (of the object's mask) sorts validation objects by size: scaled, kept.
+                area = box[2] * box[3] if row_areas is None else float(row_areas[index]) * sx * sy
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "bbox": box,
-                                    "area": round(box[2] * box[3], 2), "iscrowd": crowd})
+                                    "area": round(area, 2), "iscrowd": crowd})
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
     atomic_write_bytes(folder / "instances.json", lambda tmp: Path(tmp).write_text(json.dumps(coco, separators=(",", ":"))))
     return written
+
+
+def _warn(event) -> None:
+    if event.kind == "warning":
+        print(f"warning: {event.message}", file=sys.stderr)
 
 
 def main() -> None:
@@ -96,12 +110,12 @@ def main() -> None:
                          teacher_ignore_threshold=args.teacher_ignore_threshold, validation_count=0)
     try:
         args.work_dir.mkdir(parents=True, exist_ok=True)
-        samples, validation = training_data(config, args.work_dir)
-        train_bytes = write_set(args.out / "train", [(s.path, s.boxes, s.ignore) for s in samples],
+        samples, validation = training_data(config, args.work_dir, _warn)
+        train_bytes = write_set(args.out / "train", [(s.path, s.boxes, s.ignore, None) for s in samples],
                                 args.shorter_side, args.quality)
         validation_bytes = write_set(args.out / "validation",
-                                     [(v.path, v.boxes[~v.crowd], v.boxes[v.crowd]) for v in validation],
-                                     args.shorter_side, args.quality) if validation else 0
+                                     [(v.path, v.boxes[~v.crowd], v.boxes[v.crowd], v.areas[~v.crowd])
+                                      for v in validation], args.shorter_side, args.quality) if validation else 0
     except RpnError as error:
         sys.exit(f"error: {error}")
     print(f"{args.out}: {len(samples)} training photos ({train_bytes / 2**20:.1f} MiB), {len(validation)} "

@@ -8,9 +8,9 @@ of magnitude (ONNX Runtime's percentile calibrator), which lost 0.0001 / 0.0018 
 float32 where whole min-max ranges lost 0.0034 / 0.0048 (rpn_cli/weights/README.md). The network runs
 in about half its float32 time on the CPU measured.
 
-Photos go through the calibrator one at a time: its histograms merge photo by photo, so memory stays
-that of one photo's activations and photos of different sizes mix (ONNX Runtime's own loop holds every
-photo's activations at once and stacks them).
+Photos go through the calibrator one at a time (ONNX Runtime's ``CalibStridedMinMax`` with a stride
+of 1): its histograms merge photo by photo, so memory stays that of one photo's activations and photos
+of different sizes mix (in one pass it holds every photo's activations at once and stacks them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import io
 import json
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from ..errors import ImageError, UsageError
 from ..io.checkpoint import METADATA_KEY
@@ -50,6 +50,7 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
     try:
         import onnx
         from onnxruntime.quantization import (
+            CalibrationDataReader,
             CalibrationMethod,
             QuantFormat,
             QuantType,
@@ -62,32 +63,54 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
     if METADATA_KEY not in metadata:
         raise UsageError(f"{fp32_onnx}: not an rpn ONNX export (no model description)")
     spec = ModelSpec.from_dict(json.loads(metadata[METADATA_KEY]), str(fp32_onnx))
-    ort_method = CalibrationMethod.Percentile if method == "percentile" else CalibrationMethod.MinMax
+    photos = _readable(calibration, count, on_skipped)
+    if not photos:
+        raise UsageError("no readable calibration photos")
+
+    class Photos(CalibrationDataReader):
+        """The photos in the ranges ONNX Runtime asks for (``CalibStridedMinMax``), read when reached."""
+
+        def __init__(self):
+            self.pending = iter(photos)
+
+        def __len__(self):
+            return len(photos)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.pending = iter(photos[start_index:end_index])
+
+        def get_next(self):
+            path = next(self.pending, None)
+            return None if path is None else _model_input(path, spec)
 
     with tempfile.TemporaryDirectory(prefix="rpn-int8-") as work:
         prepared = Path(work) / "prepared.onnx"
         # The pyramid's dynamic resize defeats symbolic shape inference; ONNX's own suffices.
         quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
-        ranges = Path(work) / "ranges.json"
-        used = _calibrate(prepared, ort_method, _model_inputs(calibration, spec, count, on_skipped), ranges)
         graph = onnx.load(str(prepared)).graph
         float_nodes = [node.name for node in graph.node
                        if node.op_type == "Conv" and node.input[1].endswith(FLOAT_WEIGHTS)]
         quantized = Path(work) / "int8.onnx"
-        quantize_static(str(prepared), str(quantized), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=float_nodes, calibrate_method=ort_method, calibration_cache_path=ranges)
+        # Calibration one photo at a time (a stride of 1): ONNX Runtime's histograms then merge photo by
+        # photo. ONNX Runtime's histogram calibrators print their progress; a library stays quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(prepared), str(quantized), Photos(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
+                            calibrate_method=(CalibrationMethod.Percentile if method == "percentile"
+                                              else CalibrationMethod.MinMax),
+                            extra_options={"CalibStridedMinMax": 1, "CalibPercentile": PERCENTILE})
         model = onnx.load(str(quantized))
         del model.metadata_props[:]
         activations = f"uint8 percentile {PERCENTILE}" if method == "percentile" else "uint8 MinMax"
         recipe = {"format": "QDQ", "weights": "int8 per channel, reduce_range", "activations": activations,
-                  "float_weights": list(FLOAT_WEIGHTS), "calibration_photos": used,
+                  "float_weights": list(FLOAT_WEIGHTS), "calibration_photos": len(photos),
                   "source_sha256": file_sha256(source) if source is not None else None}
         for key, value in ((METADATA_KEY, metadata[METADATA_KEY]), (QUANTIZATION_KEY, json.dumps(recipe))):
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         atomic_write_bytes(Path(destination), lambda tmp: onnx.save(model, tmp))
-    return used
+    return len(photos)
 
 
 def check_calibration_method(method: str) -> None:
@@ -95,47 +118,25 @@ def check_calibration_method(method: str) -> None:
         raise UsageError(f"--calibration-method {method}: choose from {', '.join(CALIBRATION_METHODS)}")
 
 
-def _calibrate(model: Path, method, photos: Iterator[dict], ranges: Path) -> int:
-    """Activation ranges of ``model`` over ``photos`` (model inputs), fed one at a time, written to
-    ``ranges`` in ONNX Runtime's calibration-cache format; returns how many photos were used."""
-    from onnxruntime.quantization import CalibrationDataReader, create_calibrator
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
-    class OnePhoto(CalibrationDataReader):
-        def __init__(self, inputs: dict):
-            self.inputs = inputs
-
-        def get_next(self):
-            inputs, self.inputs = self.inputs, None
-            return inputs
-
-    calibrator = create_calibrator(model, augmented_model_path=str(model.with_name("augmented.onnx")),
-                                   calibrate_method=method, extra_options={"percentile": PERCENTILE})
-    used = 0
-    # ONNX Runtime's histogram calibrators print their progress; a library stays quiet.
-    with contextlib.redirect_stdout(io.StringIO()):
-        for inputs in photos:
-            calibrator.collect_data(OnePhoto(inputs))
-            used += 1
-        if not used:
-            raise UsageError("no readable calibration photos")
-        save_tensors_data(calibrator.compute_data(), ranges)
-    return used
-
-
-def _model_inputs(photos: Iterable[Path], spec: ModelSpec, count: int, on_skipped) -> Iterator[dict]:
-    """{"images": (1, 3, H, W) float32 array} per readable photo, at most ``count``."""
-    made = 0
+def _readable(photos: Iterable[Path], count: int, on_skipped) -> list[Path]:
+    """The first ``count`` photos that decode; the others are passed to ``on_skipped``."""
+    readable: list[Path] = []
     for path in photos:
-        if made == count:
-            return
+        if len(readable) == count:
+            break
         try:
-            prepared = prepare_image(load_image(path), spec.preprocess)
+            load_image(path)
         except ImageError as error:
             on_skipped(path, str(error))
             continue
-        made += 1
-        yield {"images": pad_batch([prepared.tensor], spec.preprocess.size_divisible).numpy()}
+        readable.append(path)
+    return readable
+
+
+def _model_input(path: Path, spec: ModelSpec) -> dict:
+    """{"images": (1, 3, H, W) float32 array}: the photo as ``rpn propose`` feeds the network."""
+    prepared = prepare_image(load_image(path), spec.preprocess)
+    return {"images": pad_batch([prepared.tensor], spec.preprocess.size_divisible).numpy()}
 
 
 def source_digest(int8_onnx: Path) -> str | None:

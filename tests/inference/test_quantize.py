@@ -120,7 +120,7 @@ def test_minmax_calibration_photo_by_photo_equals_onnx_runtimes_own(small_checkp
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from rpn_cli.inference.quantize import FLOAT_WEIGHTS, _model_inputs, quantize_onnx
+    from rpn_cli.inference.quantize import FLOAT_WEIGHTS, _model_input, quantize_onnx
     from rpn_cli.io.checkpoint import read_spec
 
     photos = sorted(SAMPLES.glob("*.jpg"))  # of three different sizes once resized
@@ -129,7 +129,8 @@ def test_minmax_calibration_photo_by_photo_equals_onnx_runtimes_own(small_checkp
 
     class Photos(CalibrationDataReader):
         def __init__(self):
-            self.inputs = _model_inputs(photos, read_spec(small_checkpoint), len(photos), lambda *_: None)
+            spec = read_spec(small_checkpoint)
+            self.inputs = (_model_input(path, spec) for path in photos)
 
         def get_next(self):
             return next(self.inputs, None)
@@ -147,9 +148,10 @@ def test_minmax_calibration_photo_by_photo_equals_onnx_runtimes_own(small_checkp
         np.testing.assert_array_equal(found[name], value, err_msg=name)
 
 
-def test_percentile_calibration_clips_what_minmax_keeps(small_fp32_onnx, tmp_path):
+def test_percentile_calibration_clips_what_minmax_keeps(small_fp32_onnx, tmp_path, monkeypatch):
     import onnx
 
+    from rpn_cli.inference import quantize
     from rpn_cli.inference.quantize import QUANTIZATION_KEY, quantize_onnx
 
     photos = sorted(SAMPLES.glob("*.jpg"))
@@ -161,6 +163,12 @@ def test_percentile_calibration_clips_what_minmax_keeps(small_fp32_onnx, tmp_pat
     # wherever a few values stand out (most tensors: 2048 histogram bins, some 10^5 values each).
     assert all(percentile[name] <= minmax[name] * (1 + 1e-6) for name in minmax)
     assert np.mean([percentile[name] < minmax[name] * 0.99 for name in minmax]) > 0.5
+    # The percentile reaches ONNX Runtime (whose own default is 99.999): a higher one keeps wider ranges.
+    monkeypatch.setattr(quantize, "PERCENTILE", 99.999)
+    quantize_onnx(small_fp32_onnx, tmp_path / "wider.onnx", photos)
+    wider = _activation_scales(tmp_path / "wider.onnx")
+    assert all(wider[name] >= percentile[name] * (1 - 1e-6) for name in percentile)
+    assert np.mean([wider[name] > percentile[name] * 1.01 for name in percentile]) > 0.3
     metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "percentile.onnx")).metadata_props}
     assert json.loads(metadata[QUANTIZATION_KEY])["activations"] == "uint8 percentile 99.99"
 
