@@ -18,6 +18,7 @@ bundle="${1:?usage: gpu_train.sh BUNDLE [SECONDS] [INIT]}"
 budget="${2:-420}"
 init="${3:-rpn_cli/weights/rpn_mobilenet_v2_fpn.safetensors}"
 device="${DEVICE:-cuda}"
+[ -f "$bundle/train/instances.json" ] || { echo "error: $bundle/train/instances.json: no such file (a bundle from benchmarks/training_bundle.py?)" >&2; exit 2; }
 out="${OUT:-.}"
 mkdir -p "$out" || exit 1
 work="$(mktemp -d)"

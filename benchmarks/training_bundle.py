@@ -18,6 +18,7 @@ targets are not carried.
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -86,6 +87,16 @@ def write_set(folder: Path, photos: list[tuple[Path, np.ndarray, np.ndarray, np.
     return written
 
 
+def _in_range(low: int, high: int):
+    """An argparse type: an integer from ``low`` to ``high``."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+    return integer
+
+
 def _warn(event) -> None:
     if event.kind == "warning":
         print(f"warning: {event.message}", file=sys.stderr)
@@ -101,23 +112,31 @@ def main() -> None:
     parser.add_argument("--teacher-threshold", type=float, default=0.3)
     parser.add_argument("--teacher-ignore-threshold", type=float, default=0.1)
     parser.add_argument("--work-dir", type=Path, required=True, help="Where the teacher's detections are cached.")
-    parser.add_argument("--shorter-side", type=int, default=416)
-    parser.add_argument("--quality", type=int, default=35, help="WebP quality (0-100).")
+    parser.add_argument("--shorter-side", type=_in_range(32, 4096), default=416)
+    parser.add_argument("--quality", type=_in_range(0, 100), default=35, help="WebP quality (0-100).")
     args = parser.parse_args()
+    if args.out.exists():
+        parser.error(f"{args.out} exists: give a new folder")
     config = TrainConfig(sources=args.data, work_dir=str(args.work_dir), partial_sources=args.partial,
                          validation_sets=args.validation_set, teacher=args.teacher,
                          teacher_threshold=args.teacher_threshold,
                          teacher_ignore_threshold=args.teacher_ignore_threshold, validation_count=0)
+    # Written beside OUT and renamed when complete: a run that fails leaves no half-made bundle.
+    partial = args.out.with_name(f".{args.out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     try:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         samples, validation = training_data(config, args.work_dir, _warn)
-        train_bytes = write_set(args.out / "train", [(s.path, s.boxes, s.ignore, None) for s in samples],
+        train_bytes = write_set(partial / "train", [(s.path, s.boxes, s.ignore, None) for s in samples],
                                 args.shorter_side, args.quality)
-        validation_bytes = write_set(args.out / "validation",
+        validation_bytes = write_set(partial / "validation",
                                      [(v.path, v.boxes[~v.crowd], v.boxes[v.crowd], v.areas[~v.crowd])
                                       for v in validation], args.shorter_side, args.quality) if validation else 0
+        partial.rename(args.out)
     except RpnError as error:
         sys.exit(f"error: {error}")
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     print(f"{args.out}: {len(samples)} training photos ({train_bytes / 2**20:.1f} MiB), {len(validation)} "
           f"validation photos ({validation_bytes / 2**20:.1f} MiB)")
 
