@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from rpn_cli.errors import RpnError  # noqa: E402
 from rpn_cli.io.files import atomic_write_bytes  # noqa: E402
 from rpn_cli.io.images import load_image  # noqa: E402
+from rpn_cli.io.tool_formats import CATEGORY  # noqa: E402
 from rpn_cli.training.loop import TrainConfig, training_data  # noqa: E402
 
 
@@ -80,9 +81,10 @@ def write_set(folder: Path, photos: list[tuple[Path, np.ndarray, np.ndarray, np.
             for index, box in enumerate(_coco_boxes(rows, sx, sy)):
                 # COCO's area (of the object's mask) sorts validation objects by size: scaled, kept.
                 area = box[2] * box[3] if row_areas is None else float(row_areas[index]) * sx * sy
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "bbox": box,
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": CATEGORY["id"],
+                                    "bbox": box,
                                     "area": round(area, 2), "iscrowd": crowd})
-    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+    coco = {"images": images, "annotations": annotations, "categories": [CATEGORY]}
     atomic_write_bytes(folder / "instances.json", lambda tmp: Path(tmp).write_text(json.dumps(coco, separators=(",", ":"))))
     return written
 

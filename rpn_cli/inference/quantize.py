@@ -32,7 +32,8 @@ from ..model.spec import ModelSpec
 QUANTIZATION_KEY = "rpn_cli.quantization"
 # Quantized heads lose the most recall for the least time: these weights stay float32.
 FLOAT_WEIGHTS = ("head.score.weight", "head.loc.weight")
-CALIBRATION_METHODS = ("percentile", "minmax")
+# --calibration-method: ONNX Runtime's CalibrationMethod for each.
+CALIBRATION_METHODS = {"percentile": "Percentile", "minmax": "MinMax"}
 PERCENTILE = 99.99
 
 
@@ -97,8 +98,7 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
             quantize_static(str(prepared), str(quantized), Photos(), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
-                            calibrate_method=(CalibrationMethod.Percentile if method == "percentile"
-                                              else CalibrationMethod.MinMax),
+                            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                             extra_options={"CalibStridedMinMax": 1, "CalibPercentile": PERCENTILE})
         model = onnx.load(str(quantized))
         del model.metadata_props[:]

@@ -415,16 +415,16 @@ def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: tor
     threads = config.loader_threads if config.loader_threads is not None else default_decode_workers(device)
     # Closed however the epoch ends, so that no loading thread outlives a failed step.
     with contextlib.closing(_load_batches(batches, spec, threads)) as loaded_batches:
-        return _train_steps(run, epoch, enumerate(loaded_batches), targets, device, generator, report)
+        return _train_steps(run, epoch, loaded_batches, targets, device, generator, report)
 
 
-def _train_steps(run: _Run, epoch: int, loaded_batches, targets: TargetSettings, device: torch.device,
-                 generator: torch.Generator, report: Reporter) -> dict[str, float]:
-    """The steps of one epoch over (step, loaded samples) pairs; returns the mean losses."""
+def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets: TargetSettings,
+                 device: torch.device, generator: torch.Generator, report: Reporter) -> dict[str, float]:
+    """The steps of one epoch, one a batch of loaded samples; returns the mean losses."""
     config, spec, model = run.config, run.spec, run.model
     size_divisible = spec.preprocess.size_divisible
     sums = {"objectness": 0.0, "box": 0.0}
-    for step, loaded in loaded_batches:
+    for step, loaded in enumerate(loaded_batches):
         tensors, boxes, ignores, confidences, sizes = [], [], [], [], []
         for sample in loaded:
             if isinstance(sample, ImageError):
