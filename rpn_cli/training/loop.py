@@ -77,6 +77,9 @@ class TrainConfig:
     teacher_ignore_threshold: float = 0.1
     # Distillation: a positive anchor on a teacher box learns the teacher's objectness, not 1.
     soft_targets: bool = False
+    # The box term: "smooth-l1" on deltas or "giou" on decoded boxes, and its weight against objectness.
+    box_loss: str = "smooth-l1"
+    box_loss_weight: float = 1.0
     # None: every anchor takes part (torchvision's rule); a number: anchors crossing the border by more
     # than that many pixels are left out (the paper's rule is 0). See README, "Training".
     allowed_border: float | None = None
@@ -444,9 +447,9 @@ def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets:
         if model.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp, targets,
-                            generator, ignores, confidences if config.soft_targets else None)
+                            generator, ignores, confidences if config.soft_targets else None, config.box_loss)
         run.optimizer.zero_grad(set_to_none=True)
-        (losses["objectness"] + losses["box"]).backward()
+        (losses["objectness"] + config.box_loss_weight * losses["box"]).backward()
         run.optimizer.step()
         for key in sums:
             sums[key] += losses[key].item()

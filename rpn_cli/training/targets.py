@@ -7,11 +7,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from ..model.boxes import encode_boxes
+from ..model.boxes import decode_deltas, encode_boxes
 
 IGNORE, NEGATIVE, POSITIVE = -1, 0, 1
+BOX_LOSSES = ("smooth-l1", "giou")
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,17 @@ def rpn_losses(
     levels, images_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]], score_kind: str,
     box_weights, delta_clamp: float, targets: TargetSettings, generator: torch.Generator,
     images_ignore: Sequence[torch.Tensor] | None = None, images_confidence: Sequence[torch.Tensor] | None = None,
+    box_loss: str = "smooth-l1",
 ) -> dict[str, torch.Tensor]:
     """Objectness and box losses of a batch.
 
     levels: the model's :class:`LevelOutput` list; images_boxes[i]: (K_i, 4) in resized pixels;
     image_sizes[i]: (width, height) of image i before padding; images_ignore[i]: (R_i, 4) regions in
     resized pixels where negatives are ignored; images_confidence[i]: (K_i,) the objectness target of
-    a positive anchor matched to each box (soft targets, sigmoid scores only; default 1).
+    a positive anchor matched to each box (soft targets, sigmoid scores only; default 1). box_loss:
+    ``smooth-l1`` on the encoded deltas (torchvision's, beta 1/9) or ``giou``, 1 - generalized IoU of
+    the decoded box and its match (detectron2's ``giou``), which weighs localisation in pixels of overlap
+    rather than in log-size units. Both are summed over positives and divided by the sampled anchors.
     """
     anchors = torch.cat([level.anchors for level in levels])
     cls_terms, box_terms, sampled_total = [], [], 0
@@ -127,7 +132,10 @@ def rpn_losses(
             logits = torch.cat([level.logits[index] for level in levels])
             cls_terms.append(F.cross_entropy(logits[sampled], labels[sampled], reduction="sum"))
         deltas = torch.cat([level.deltas[index] for level in levels])
-        if positive.numel():
+        if positive.numel() and box_loss == "giou":
+            predicted = decode_deltas(anchors[positive], deltas[positive], box_weights, delta_clamp)
+            box_terms.append(generalized_box_iou_loss(predicted, matched[positive].float(), reduction="sum"))
+        elif positive.numel():
             wanted = encode_boxes(anchors[positive], matched[positive], box_weights, delta_clamp)
             box_terms.append(F.smooth_l1_loss(deltas[positive], wanted, beta=1.0 / 9, reduction="sum"))
     normaliser = max(sampled_total, 1)

@@ -122,6 +122,33 @@ def test_soft_targets_train_a_teacher_box_towards_its_objectness():
     assert objectness([torch.ones(2)]) == pytest.approx(hard, rel=1e-6)
 
 
+def _giou_loss_by_hand(a, b):  # 1 - GIoU of two x1y1x2y2 boxes, written out (Rezatofighi et al. 2019)
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return 1.0 - (inter / union - (hull - union) / hull)
+
+
+def test_the_giou_box_loss_is_one_minus_giou_of_the_decoded_box_and_its_match():
+    from rpn_cli.model.network import LevelOutput
+
+    # Two boxes, each matched to the anchor it sits on; the deltas move the first anchor right by a
+    # quarter of its width and double the second's height, so both losses are known in closed form.
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [64.0, 64.0, 96.0, 96.0], [0.0, 64.0, 32.0, 96.0]])
+    boxes = [anchors[:2].clone()]
+    deltas = torch.tensor([[[0.25, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, float(np.log(2.0))], [0.0, 0.0, 0.0, 0.0]]])
+    level = LevelOutput(torch.zeros((1, 3)), deltas, anchors, 1, 3)
+
+    def box_loss(kind):
+        return float(rpn_losses([level], boxes, [(128, 128)], "sigmoid", (1.0, 1.0, 1.0, 1.0), 4.0, SETTINGS,
+                                torch.Generator().manual_seed(0), box_loss=kind)["box"])
+
+    moved, taller = [8.0, 0.0, 40.0, 32.0], [64.0, 48.0, 96.0, 112.0]
+    by_hand = (_giou_loss_by_hand(moved, [0, 0, 32, 32]) + _giou_loss_by_hand(taller, [64, 64, 96, 96])) / 3
+    assert box_loss("giou") == pytest.approx(by_hand, rel=1e-6)  # 3 sampled anchors: 2 positive, 1 negative
+    smooth_l1 = ((0.25 - 0.5 / 9) + (np.log(2.0) - 0.5 / 9)) / 3  # |x| - beta/2 past beta = 1/9
+    assert box_loss("smooth-l1") == pytest.approx(smooth_l1, rel=1e-6)
+
 def test_sampling_keeps_256_at_most_half_positive():
     labels = torch.tensor([POSITIVE] * 300 + [NEGATIVE] * 1000 + [IGNORE] * 50)
     sampled = sample_labels(labels, SETTINGS, torch.Generator().manual_seed(0))
@@ -207,7 +234,8 @@ def _small_spec():
     return default_mobilenet_spec(fpn_channels=32, mid_channels=32, shorter_side=128, max_size=160)
 
 
-def test_a_few_steps_lower_the_loss(tmp_path):
+@pytest.mark.parametrize("box_loss", ["smooth-l1", "giou"])
+def test_a_few_steps_lower_the_loss(tmp_path, box_loss):
     folder = _synthetic_dataset(tmp_path)
     images = load_coco(folder / "instances.json")
     torch.manual_seed(0)
@@ -220,7 +248,7 @@ def test_a_few_steps_lower_the_loss(tmp_path):
 
     def loss_now(seed):
         losses = rpn_losses(model(batch), boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp,
-                            SETTINGS, torch.Generator().manual_seed(seed))
+                            SETTINGS, torch.Generator().manual_seed(seed), box_loss=box_loss)
         return losses["objectness"] + losses["box"]
 
     with torch.no_grad():
@@ -358,7 +386,8 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
     common = [str(folder / "instances.json"), "--backbone", "resnet50-c4", "--train-sizes", "80,96", "--epochs", "1",
               "--batch-size", "2", "--validation", "1", "--shorter-side", "96", "--quiet"]
     runner = CliRunner()
-    scratch = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "scratch")])
+    scratch = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "scratch"),
+                                  "--box-loss", "giou", "--box-loss-weight", "2"])
     assert scratch.exit_code == 0, scratch.output
     assert "trains from scratch" in scratch.output
     model = load_checkpoint(tmp_path / "scratch" / "final.safetensors", "cpu")
@@ -366,6 +395,7 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
     assert model.spec.preprocess.size == 96 and model.spec.preprocess.interpolation == "bicubic"
     assert model.spec.provenance["config"]["freeze_blocks"] == 0
     assert model.spec.provenance["config"]["train_sizes"] == [80, 96]
+    assert (model.spec.provenance["config"]["box_loss"], model.spec.provenance["config"]["box_loss_weight"]) == ("giou", 2)
     # From scratch, BatchNorm learns its statistics (they start at mean 0).
     assert model.backbone.body[1].running_mean.abs().sum() > 0
 
@@ -387,6 +417,8 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
     for options, message in ((["--train-sizes", "96,x"], "--train-sizes 96,x: expected comma-separated whole"),
                              (["--train-sizes", "96,500.5"], "--train-sizes 96,500.5: expected comma-separated whole"),
                              (["--train-sizes", "16"], "--train-sizes 16: expected sizes of at least 32"),
+                             (["--box-loss", "iou"], "--box-loss iou: choose smooth-l1 or giou"),
+                             (["--box-loss-weight", "-1"], "Invalid value for '--box-loss-weight'"),
                              (["--init", str(tmp_path / "scratch" / "final.safetensors")], "--init: the checkpoint sets")):
         bad = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"), "--restart", *options])
         assert bad.exit_code == 2 and message in bad.output, bad.output
