@@ -23,8 +23,8 @@ def export(
     paths: Annotated[list[Path], typer.Argument(help="[CHECKPOINT] DESTINATION: a .safetensors checkpoint of ours (default: the shipped one) and the file to write (.onnx, or .pt for TorchScript).", metavar="[CHECKPOINT] DESTINATION")],
     export_format: Annotated[str, typer.Option("--format", "-f", help="onnx, onnx-int8 (quantized for CPUs, calibrated on --calibration photos) or torchscript (deprecated by PyTorch; loading it back runs code, so rpn needs --trust-torchscript for it).")] = "onnx",
     calibration: Annotated[Optional[list[str]], typer.Option("--calibration", help="onnx-int8: photos like those the model will see (files, folders, globs; repeatable), never your validation photos.")] = None,
-    calibration_count: Annotated[int, typer.Option("--calibration-count", min=1, help="onnx-int8: at most this many of them, in the order given.")] = 200,
-    calibration_method: Annotated[str, typer.Option("--calibration-method", help="onnx-int8: how activation ranges are set: percentile (each tensor's 99.99th percentile of magnitude; lost less recall on our validation photos) or minmax (the whole range seen).")] = "percentile",
+    calibration_count: Annotated[Optional[int], typer.Option("--calibration-count", min=1, help="onnx-int8: at most this many of them, in the order given.  [default: 200]")] = None,
+    calibration_method: Annotated[Optional[str], typer.Option("--calibration-method", help="onnx-int8: how activation ranges are set: percentile (each tensor's 99.99th percentile of magnitude; lost less recall on our validation photos) or minmax (the whole range seen).  [default: percentile]")] = None,
 ) -> None:
     """Export the network (backbone and head; dynamic image size) for deployment tools.
 
@@ -38,6 +38,10 @@ def export(
         if len(paths) > 2:
             raise UsageError("rpn export [CHECKPOINT] DESTINATION: at most two paths")
         checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
+        given = [name for name, value in (("--calibration", calibration), ("--calibration-count", calibration_count),
+                                          ("--calibration-method", calibration_method)) if value]
+        if given and export_format != "onnx-int8":
+            raise UsageError(f"{', '.join(given)}: only for --format onnx-int8, not {export_format}")
         photos = []
         for item in expand_inputs(calibration or []):
             if item.problem:
@@ -47,7 +51,8 @@ def export(
         if calibration and not photos:
             raise UsageError("no readable calibration photos")
         used = export_model(checkpoint_or_default(checkpoint), destination, export_format, calibration=photos,
-                            calibration_count=calibration_count, calibration_method=calibration_method,
+                            calibration_count=calibration_count or 200,
+                            calibration_method=calibration_method or "percentile",
                             on_skipped=_warn_skipped)
     except RpnError as error:
         fail(error)

@@ -81,6 +81,12 @@ def test_export_int8_needs_calibration_photos(small_checkpoint, tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: --calibration-method entropy: choose from percentile, minmax\n"
     assert not (tmp_path / "int8.onnx").exists()
+    # Calibration options mean nothing to a float export: refused rather than silently dropped.
+    result = run_rpn("export", small_checkpoint, tmp_path / "model.onnx", "--calibration-method", "minmax",
+                     "--calibration-count", "5")
+    assert result.returncode == 2
+    assert result.stderr == "error: --calibration-count, --calibration-method: only for --format onnx-int8, not onnx\n"
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def _initializers(path) -> dict:
