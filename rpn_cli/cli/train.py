@@ -48,6 +48,7 @@ def train(
     shorter_side: Annotated[Optional[int], typer.Option("--shorter-side", min=32, help="Test-time shorter side written into the checkpoint. Default: 512 (mobilenet_v2_fpn), 600 (resnet50-c4).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="float32, or bfloat16: the forward pass under autocast (losses and weights in float32), about twice as fast on a GPU or a CPU with bfloat16 units (AMX, AVX-512 BF16), slower on one without.")] = "float32",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train an RPN (default: MobileNetV2 + FPN) and write our checkpoint format."""
@@ -77,6 +78,8 @@ def train(
         if init and (backbone or shorter_side):
             raise UsageError("--init: the checkpoint sets the model and its shorter side; "
                              "leave out --backbone and --shorter-side")
+        if precision not in ("float32", "bfloat16"):
+            raise UsageError(f"--precision {precision}: choose float32 or bfloat16")
         if box_loss not in BOX_LOSSES:
             raise UsageError(f"--box-loss {box_loss}: choose {' or '.join(BOX_LOSSES)}")
         backbone = backbone or "mobilenet_v2_fpn"
@@ -95,7 +98,7 @@ def train(
             learning_rate=learning_rate, seed=seed, validation_count=50 if validation is None else validation,
             partial_sources=[str(p) for p in partial or []], validation_sets=[str(p) for p in validation_set or []],
             teacher_ignore_threshold=teacher_ignore_threshold, soft_targets=soft_targets,
-            box_loss=box_loss, box_loss_weight=box_loss_weight,
+            box_loss=box_loss, box_loss_weight=box_loss_weight, precision=precision,
             backbone_weights=str(weights) if weights and not init else None,
             init_checkpoint=str(init) if init else None, teacher=str(teacher) if teacher else None,
             teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,

@@ -122,16 +122,16 @@ def rpn_losses(
         positive = torch.nonzero(labels == POSITIVE).flatten()
         sampled_total += sampled.numel()
         if score_kind == "sigmoid":
-            logits = torch.cat([level.logits[index] for level in levels])
+            logits = torch.cat([level.logits[index] for level in levels]).float()
             wanted_scores = labels.float()
             if images_confidence is not None and positive.numel():
                 wanted_scores[positive] = images_confidence[index].to(logits)[matched_index[positive]]
             cls_terms.append(F.binary_cross_entropy_with_logits(
                 logits[sampled], wanted_scores[sampled], reduction="sum"))
         else:
-            logits = torch.cat([level.logits[index] for level in levels])
+            logits = torch.cat([level.logits[index] for level in levels]).float()
             cls_terms.append(F.cross_entropy(logits[sampled], labels[sampled], reduction="sum"))
-        deltas = torch.cat([level.deltas[index] for level in levels])
+        deltas = torch.cat([level.deltas[index] for level in levels]).float()  # float32 under autocast too
         if positive.numel() and box_loss == "giou":
             predicted = decode_deltas(anchors[positive], deltas[positive], box_weights, delta_clamp)
             box_terms.append(generalized_box_iou_loss(predicted, matched[positive].float(), reduction="sum"))
