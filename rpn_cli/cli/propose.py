@@ -49,6 +49,7 @@ def propose(
     post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Boxes kept after NMS. [default: the checkpoint's; shipped: 300]")] = None,
     nms_iou: Annotated[Optional[float], typer.Option("--nms-iou", help="NMS IoU threshold. [default: the checkpoint's; shipped: 0.7]")] = None,
     min_size: Annotated[Optional[float], typer.Option("--min-size", help="Smallest box side, in resized-image pixels. [default: the checkpoint's; shipped: 8]")] = None,
+    vote_iou: Annotated[Optional[float], typer.Option("--vote-iou", help="Box voting: each box kept by NMS moves to the score-weighted mean of the candidates overlapping it by this IoU; 0: none (the seed's layer). [default: the checkpoint's; shipped: 0.7]")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Write at most this many proposals per image.")] = None,
     min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop proposals scoring below this.")] = None,
     draw_top: Annotated[int, typer.Option("--draw-top", min=0, help="Proposals drawn on PNG overlays and --sheet thumbnails (the best first, coloured by rank).")] = 10,
@@ -92,7 +93,7 @@ def propose(
                      actors=actors, device=device, precision=precision, top_k=top_k, max_pixels=max_pixels,
                      skip_existing=skip_existing, quiet=quiet, trust_torchscript=trust_torchscript,
                      overrides=dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
-                                    min_size=min_size, min_score=min_score))
+                                    min_size=min_size, min_score=min_score, vote_iou=vote_iou))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
@@ -115,7 +116,7 @@ def propose(
         proposer = Proposer(checkpoint, device=device, precision=precision, backend=backend,
                             trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
                             pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
-                            min_size=min_size, min_score=min_score)
+                            min_size=min_size, min_score=min_score, vote_iou=vote_iou)
         writer = ProposalWriter(formats=formats, out=out, stream=sys.stdout, draw_top=draw_top,
                                 image_ids=image_ids, model_version=f"rpn-cli {__version__} {checkpoint.name}",
                                 sheet=sheet)

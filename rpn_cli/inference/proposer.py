@@ -36,8 +36,8 @@ class Proposer:
     ``trust_torchscript``); default the shipped one. ``device``, ``precision`` and ``backend`` default
     to ``auto`` as on the command line (CUDA when there is one; bfloat16 on CPUs that have it; ONNX
     Runtime on CPUs without, see :mod:`rpn_cli.backends`). The proposal
-    layer's limits (``pre_nms_top_n``, ``post_nms_top_n``, ``nms_iou``, ``min_size``, ``min_score``)
-    default to the checkpoint's; ``top_k`` keeps at most that many per image.
+    layer's limits (``pre_nms_top_n``, ``post_nms_top_n``, ``nms_iou``, ``min_size``, ``min_score``,
+    ``vote_iou``: box voting, 0 for none) default to the checkpoint's; ``top_k`` keeps at most that many per image.
 
     >>> proposer = Proposer()
     >>> result = proposer("samples/chelsea.jpg")   # or a PIL image, an (H, W, 3) uint8 RGB array,
@@ -48,12 +48,13 @@ class Proposer:
                  backend: str = "auto", trust_torchscript: bool = False, top_k: int | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, pre_nms_top_n: int | None = None,
                  post_nms_top_n: int | None = None, nms_iou: float | None = None, min_size: float | None = None,
-                 min_score: float | None = None):
+                 min_score: float | None = None, vote_iou: float | None = None):
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model = load_model(self.checkpoint, resolve_device(device), precision, trust_torchscript=trust_torchscript,
                            backend=backend)
         self._setup(model, top_k, max_pixels, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
-                                                   nms_iou=nms_iou, min_size=min_size, min_score=min_score))
+                                                   nms_iou=nms_iou, min_size=min_size, min_score=min_score,
+                                                   vote_iou=vote_iou))
 
     @classmethod
     def from_model(cls, model, *, top_k: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,

@@ -10,11 +10,14 @@ import torch
 from ..errors import UsageError
 from .boxes import DEFAULT_DELTA_CLAMP, clip_boxes, decode_deltas, valid_box_mask
 from .nms import batched_greedy_nms, greedy_nms
+from .voting import vote_boxes
 
 
 @dataclass(frozen=True)
 class ProposalSettings:
-    """Limits of the proposal layer. Test mode by default; :meth:`training` gives the seed's 12000 / 600."""
+    """Limits of the proposal layer. Test mode by default; :meth:`training` gives the seed's 12000 / 600.
+    ``vote_iou`` > 0: box voting after NMS at that IoU (:mod:`.voting`); 0, the seed's layer, leaves the
+    kept boxes as decoded."""
 
     pre_nms_top_n: int = 3000
     post_nms_top_n: int = 300
@@ -23,6 +26,7 @@ class ProposalSettings:
     min_score: float = 0.0
     nms_per_level: bool = False
     top_n_before_filtering: bool = False
+    vote_iou: float = 0.0
 
     @classmethod
     def training(cls, **overrides) -> "ProposalSettings":
@@ -37,6 +41,8 @@ class ProposalSettings:
             raise UsageError(f"min size must be >= 0, got {self.min_size}")
         if not 0.0 <= self.min_score <= 1.0:
             raise UsageError(f"min score must be in [0, 1], got {self.min_score}")
+        if not 0.0 <= self.vote_iou <= 1.0:
+            raise UsageError(f"voting IoU must be in [0, 1] (0: no voting), got {self.vote_iou}")
         return self
 
     def to_dict(self) -> dict:
@@ -113,8 +119,9 @@ def proposals_for_image(
     ``pre_nms_top_n`` by score (the seed's order; with ``top_n_before_filtering``
     the top ``pre_nms_top_n`` are taken first, as torchvision does). Then one NMS
     (across levels, or per level when ``nms_per_level``) and the top
-    ``post_nms_top_n``. Returns boxes (K, 4) and scores (K,), float32, sorted by
-    score high to low; K may be 0.
+    ``post_nms_top_n``; with ``vote_iou`` > 0, box voting among the boxes that entered
+    NMS. Returns boxes (K, 4) and scores (K,), float32, sorted by score high to low;
+    K may be 0.
     """
     if settings.top_n_before_filtering:
         boxes, score, level_ids = _top_n_then_filter(scores, deltas, anchors, image_height, image_width, settings,
@@ -128,6 +135,8 @@ def proposals_for_image(
         keep = _torchvision_ops().batched_nms(boxes, score, level_ids, settings.nms_iou)[: settings.post_nms_top_n]
     else:
         keep = greedy_nms(boxes, score, settings.nms_iou, settings.post_nms_top_n)
+    if settings.vote_iou > 0:
+        return vote_boxes(boxes[keep], boxes, score, settings.vote_iou), score[keep]
     return boxes[keep], score[keep]
 
 
@@ -186,7 +195,21 @@ def proposals_for_images(
     image, index = batched_greedy_nms(boxes, probability, valid, settings.nms_iou, settings.post_nms_top_n,
                                       groups=level_ids if settings.nms_per_level else None)
     counts = torch.bincount(image, minlength=count).tolist()
-    return boxes[image, index], probability[image, index], counts
+    kept = boxes[image, index]
+    if settings.vote_iou > 0 and kept.shape[0]:
+        kept = _vote_in_batch(kept, image, counts, boxes, torch.where(valid, probability, 0.0), settings.vote_iou)
+    return kept, probability[image, index], counts
+
+
+def _vote_in_batch(kept: torch.Tensor, image: torch.Tensor, counts: list[int], candidates: torch.Tensor,
+                   weights: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """:func:`vote_boxes` for the kept boxes (K, 4) of a batch, listed image by image (``image``: (K,) each
+    one's image), against each image's candidates (N, C, 4) with ``weights`` (N, C), 0 where invalid."""
+    starts = torch.tensor([0, *counts[:-1]], device=kept.device).cumsum(0)
+    position = torch.arange(kept.shape[0], device=kept.device) - starts[image]
+    padded = kept.new_zeros((len(counts), max(counts), 4))
+    padded[image, position] = kept
+    return vote_boxes(padded, candidates, weights, iou_threshold)[image, position]
 
 
 def _torchvision_ops():

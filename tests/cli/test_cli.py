@@ -73,6 +73,9 @@ def test_options_limit_the_output(checkpoint):
     assert np.all((boxes[:, 2] - boxes[:, 0]) * scale >= 40 - 0.05)
     result = run_rpn("propose", SAMPLE_FILES[0], "-c", checkpoint, "-q", "--min-score", "0.999", check=True)
     assert all(s >= 0.999 for s in _records(result.stdout)[0]["scores"])
+    plain, voted = (_records(run_rpn("propose", SAMPLE_FILES[0], "-c", checkpoint, "-q", "--vote-iou", iou,
+                                     check=True).stdout)[0] for iou in ("0", "0.7"))
+    assert voted["scores"] == plain["scores"] and voted["boxes"] != plain["boxes"]  # voting moves boxes only
 
 
 def test_out_folder_json_png_and_coco(checkpoint, tmp_path):
@@ -213,6 +216,8 @@ def test_usage_errors(checkpoint, tmp_path):
     assert result.exit_code == 2 and "--out" in result.output
     result = runner.invoke(cli.app, ["propose", str(SAMPLE_FILES[0]), "-c", str(checkpoint), "--nms-iou", "3"])
     assert result.exit_code == 2 and "IoU" in result.output
+    result = runner.invoke(cli.app, ["propose", str(SAMPLE_FILES[0]), "-c", str(checkpoint), "--vote-iou", "-0.1"])
+    assert result.exit_code == 2 and "error: voting IoU must be in [0, 1] (0: no voting), got -0.1" in result.output
     result = runner.invoke(cli.app, ["propose", str(tmp_path), "-c", str(checkpoint)])
     assert result.exit_code == 2 and "no images" in result.output
     (tmp_path / "a").mkdir()

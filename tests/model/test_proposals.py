@@ -84,6 +84,8 @@ def test_settings_validation():
         ProposalSettings(nms_iou=1.5).validated()
     with pytest.raises(UsageError):
         ProposalSettings(post_nms_top_n=0).validated()
+    with pytest.raises(UsageError, match="voting IoU must be in"):
+        ProposalSettings(vote_iou=1.5).validated()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,9 @@ def _one_pass_and_per_image(levels, sizes, layer):
     ProposalSettings(top_n_before_filtering=True),
     ProposalSettings(post_nms_top_n=2000, min_score=0.4),
     ProposalSettings(min_score=0.99),
-], ids=["seed-order", "nms-per-level", "top-n-first", "many-kept", "some-images-empty"])
+    ProposalSettings(vote_iou=0.7),
+    ProposalSettings(vote_iou=0.7, min_score=0.99),
+], ids=["seed-order", "nms-per-level", "top-n-first", "many-kept", "some-images-empty", "voting", "voting-some-empty"])
 @pytest.mark.parametrize("score_kind", ["sigmoid", "softmax"])
 def test_a_batch_in_one_pass_equals_image_by_image(sample_batch, settings, score_kind):
     """The GPU's one-pass proposal layer against the per-image one, each image clipped to its own size:
@@ -133,6 +137,9 @@ def test_a_batch_in_one_pass_equals_image_by_image(sample_batch, settings, score
         torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
     if settings.min_score == 0.99:
         assert any(expected.shape[0] == 0 for expected, _ in per_image)
+    if settings.vote_iou:  # voting moved the boxes, in both layers
+        unvoted = _one_pass_and_per_image(levels, sizes, replace(layer, settings=replace(settings, vote_iou=0.0)))[1]
+        assert any(not torch.equal(voted, plain) for (voted, _), (plain, _) in zip(per_image, unvoted) if len(plain))
 
 
 def test_infinite_logits_in_one_pass_as_image_by_image(sample_batch):
