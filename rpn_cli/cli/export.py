@@ -25,6 +25,7 @@ def export(
     calibration: Annotated[Optional[list[str]], typer.Option("--calibration", help="onnx-int8: photos like those the model will see (files, folders, globs; repeatable), never your validation photos.")] = None,
     calibration_count: Annotated[Optional[int], typer.Option("--calibration-count", min=1, help="onnx-int8: at most this many of them, in the order given.  [default: 200]")] = None,
     calibration_method: Annotated[Optional[str], typer.Option("--calibration-method", help="onnx-int8: how activation ranges are set: percentile (each tensor's 99.99th percentile of magnitude; lost less recall on our validation photos) or minmax (the whole range seen).  [default: percentile]")] = None,
+    calibration_percentile: Annotated[Optional[float], typer.Option("--calibration-percentile", help="onnx-int8 with percentile: the percentile of magnitude each activation range ends at.  [default: 99.99]")] = None,
 ) -> None:
     """Export the network (backbone and head; dynamic image size) for deployment tools.
 
@@ -32,6 +33,7 @@ def export(
     with the same proposal layer.
     """
     from ..inference.export import export_model
+    from ..inference.quantize import DEFAULT_PERCENTILE
     from ..io.inputs import expand_inputs
 
     try:
@@ -39,9 +41,12 @@ def export(
             raise UsageError("rpn export [CHECKPOINT] DESTINATION: at most two paths")
         checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
         given = [name for name, value in (("--calibration", calibration), ("--calibration-count", calibration_count),
-                                          ("--calibration-method", calibration_method)) if value]
+                                          ("--calibration-method", calibration_method),
+                                          ("--calibration-percentile", calibration_percentile)) if value]
         if given and export_format != "onnx-int8":
             raise UsageError(f"{', '.join(given)}: only for --format onnx-int8, not {export_format}")
+        if calibration_percentile is not None and calibration_method == "minmax":
+            raise UsageError("--calibration-percentile: only with --calibration-method percentile")
         photos = []
         for item in expand_inputs(calibration or []):
             if item.problem:
@@ -53,6 +58,7 @@ def export(
         used = export_model(checkpoint_or_default(checkpoint), destination, export_format, calibration=photos,
                             calibration_count=calibration_count or 200,
                             calibration_method=calibration_method or "percentile",
+                            calibration_percentile=calibration_percentile or DEFAULT_PERCENTILE,
                             on_skipped=_warn_skipped)
     except RpnError as error:
         fail(error)

@@ -15,6 +15,7 @@ from ..io.checkpoint import METADATA_KEY, load_checkpoint
 from ..io.files import atomic_write_bytes
 from ..model.network import RegionProposalNetwork
 from ..model.spec import ModelSpec
+from .quantize import DEFAULT_PERCENTILE
 
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 
@@ -44,7 +45,7 @@ def _example_input(spec: ModelSpec) -> torch.Tensor:
 
 def export_model(checkpoint: str | Path, destination: str | Path, export_format: str, *,
                  calibration: Sequence[Path] = (), calibration_count: int = 200,
-                 calibration_method: str = "percentile",
+                 calibration_method: str = "percentile", calibration_percentile: float = DEFAULT_PERCENTILE,
                  on_skipped: Callable[[Path, str], None] = lambda path, problem: None) -> int:
     """Write the checkpoint's network to ONNX (dynamic batch and image size), int8 ONNX (calibrated on
     up to ``calibration_count`` of the ``calibration`` photos by ``calibration_method``, see
@@ -57,12 +58,13 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
             raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")
         from .quantize import check_calibration_method, quantize_onnx
 
-        check_calibration_method(calibration_method)
+        check_calibration_method(calibration_method, calibration_percentile)
         with tempfile.TemporaryDirectory(prefix="rpn-export-") as work:
             fp32 = Path(work) / "fp32.onnx"
             export_model(checkpoint, fp32, "onnx")
             return quantize_onnx(fp32, destination, calibration, count=calibration_count,
-                                 method=calibration_method, on_skipped=on_skipped,
+                                 method=calibration_method, percentile=calibration_percentile,
+                                 on_skipped=on_skipped,
                                  source=Path(checkpoint))
     model = load_checkpoint(checkpoint, "cpu")
     wrapper = _RawOutputs(model).eval()

@@ -5,8 +5,9 @@ QDQ, int8 weights per channel with 7-bit range (``reduce_range``: CPUs without V
 products in their int8 kernels), uint8 activations, and the head's two final 1x1 convolutions
 (objectness, box deltas) kept in float32. Activation ranges: by default each tensor's 99.99th percentile
 of magnitude (ONNX Runtime's percentile calibrator), which lost 0.0001 / 0.0018 AR@100 / AR@300 against
-float32 where whole min-max ranges lost 0.0034 / 0.0048 (rpn_cli/weights/README.md). The network runs
-in about half its float32 time on the CPU measured.
+float32 on the sixth-stage checkpoint where whole min-max ranges lost 0.0034 / 0.0048; the best
+percentile moves with the weights (99.999 for the eighth stage: rpn_cli/weights/README.md). The network
+runs in about half its float32 time on the CPU measured.
 
 Photos go through the calibrator one at a time (ONNX Runtime's ``CalibStridedMinMax`` with a stride
 of 1): its histograms merge photo by photo, so memory stays that of one photo's activations and photos
@@ -34,20 +35,20 @@ QUANTIZATION_KEY = "rpn_cli.quantization"
 FLOAT_WEIGHTS = ("head.score.weight", "head.loc.weight")
 # --calibration-method: ONNX Runtime's CalibrationMethod for each.
 CALIBRATION_METHODS = {"percentile": "Percentile", "minmax": "MinMax"}
-PERCENTILE = 99.99
+DEFAULT_PERCENTILE = 99.99
 
 
 def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: Iterable[Path], *,
-                  count: int = 200, method: str = "percentile", on_skipped=lambda path, problem: None,
-                  source: Path | None = None) -> int:
+                  count: int = 200, method: str = "percentile", percentile: float = DEFAULT_PERCENTILE,
+                  on_skipped=lambda path, problem: None, source: Path | None = None) -> int:
     """Write an int8 version of the ONNX export ``fp32_onnx`` (one of ours: the model description in its
     metadata) to ``destination``, its activation ranges taken from up to ``count`` readable photos of
     ``calibration`` (prepared as ``rpn propose`` prepares them, one at a time at its own size) by
-    ``method``: ``percentile`` (each tensor's 99.99th percentile of magnitude) or ``minmax``.
+    ``method``: ``percentile`` (each tensor's ``percentile``-th percentile of magnitude) or ``minmax``.
     Unreadable photos are passed to ``on_skipped`` and left out. Returns how many photos calibrated it.
     Deterministic for the same photos in the same order. ``source``: the checkpoint exported, whose
     content hash the file records (:func:`source_digest` reads it back)."""
-    check_calibration_method(method)
+    check_calibration_method(method, percentile)
     try:
         import onnx
         from onnxruntime.quantization import (
@@ -99,10 +100,10 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
                             per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
                             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
-                            extra_options={"CalibStridedMinMax": 1, "CalibPercentile": PERCENTILE})
+                            extra_options={"CalibStridedMinMax": 1, "CalibPercentile": percentile})
         model = onnx.load(str(quantized))
         del model.metadata_props[:]
-        activations = f"uint8 percentile {PERCENTILE}" if method == "percentile" else "uint8 MinMax"
+        activations = f"uint8 percentile {percentile:g}" if method == "percentile" else "uint8 MinMax"
         recipe = {"format": "QDQ", "weights": "int8 per channel, reduce_range", "activations": activations,
                   "float_weights": list(FLOAT_WEIGHTS), "calibration_photos": len(photos),
                   "source_sha256": file_sha256(source) if source is not None else None}
@@ -113,9 +114,11 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
     return len(photos)
 
 
-def check_calibration_method(method: str) -> None:
+def check_calibration_method(method: str, percentile: float = DEFAULT_PERCENTILE) -> None:
     if method not in CALIBRATION_METHODS:
         raise UsageError(f"--calibration-method {method}: choose from {', '.join(CALIBRATION_METHODS)}")
+    if not 50.0 < percentile <= 100.0:
+        raise UsageError(f"--calibration-percentile {percentile:g}: choose a value over 50 and at most 100")
 
 
 def _readable(photos: Iterable[Path], count: int, on_skipped) -> list[Path]:

@@ -36,8 +36,11 @@ def test_the_shipped_int8_model_is_made_from_the_shipped_checkpoint():
     assert json.loads(metadata[METADATA_KEY]) == read_spec(DEFAULT_CHECKPOINT).to_dict()
     # As many calibration photos as the command in rpn_cli/weights/README.md asks for.
     readme = (DEFAULT_CHECKPOINT.parent / "README.md").read_text()
-    documented = re.search(r"rpn export rpn_cli/weights/\S+ rpn_cli/weights/\S+int8.onnx .*--calibration-count (\d+)", readme)
-    assert json.loads(metadata[QUANTIZATION_KEY])["calibration_photos"] == int(documented.group(1))
+    documented = re.search(r"rpn export rpn_cli/weights/\S+ rpn_cli/weights/\S+int8.onnx .*--calibration-count (\d+)"
+                           r" --calibration-percentile (\S+)", readme)
+    recipe = json.loads(metadata[QUANTIZATION_KEY])
+    assert recipe["calibration_photos"] == int(documented.group(1))
+    assert recipe["activations"] == f"uint8 percentile {documented.group(2)}"
     operators = {node.op_type for node in onnx.load(str(INT8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= operators
 
@@ -87,6 +90,14 @@ def test_export_int8_needs_calibration_photos(small_checkpoint, tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: --calibration-count, --calibration-method: only for --format onnx-int8, not onnx\n"
     assert not (tmp_path / "model.onnx").exists()
+    for options, message in ((["--calibration-percentile", "30"], "--calibration-percentile 30: choose a value over 50 "
+                                                                   "and at most 100"),
+                             (["--calibration-method", "minmax", "--calibration-percentile", "99.9"],
+                              "--calibration-percentile: only with --calibration-method percentile")):
+        result = run_rpn("export", small_checkpoint, tmp_path / "int8.onnx", "--format", "onnx-int8",
+                         "--calibration", SAMPLES, *options)
+        assert result.returncode == 2 and result.stderr == f"error: {message}\n"
+        assert not (tmp_path / "int8.onnx").exists()
 
 
 def _initializers(path) -> dict:
@@ -154,10 +165,9 @@ def test_minmax_calibration_photo_by_photo_equals_onnx_runtimes_own(small_checkp
         np.testing.assert_array_equal(found[name], value, err_msg=name)
 
 
-def test_percentile_calibration_clips_what_minmax_keeps(small_fp32_onnx, tmp_path, monkeypatch):
+def test_percentile_calibration_clips_what_minmax_keeps(small_fp32_onnx, tmp_path):
     import onnx
 
-    from rpn_cli.inference import quantize
     from rpn_cli.inference.quantize import QUANTIZATION_KEY, quantize_onnx
 
     photos = sorted(SAMPLES.glob("*.jpg"))
@@ -170,13 +180,14 @@ def test_percentile_calibration_clips_what_minmax_keeps(small_fp32_onnx, tmp_pat
     assert all(percentile[name] <= minmax[name] * (1 + 1e-6) for name in minmax)
     assert np.mean([percentile[name] < minmax[name] * 0.99 for name in minmax]) > 0.5
     # The percentile reaches ONNX Runtime (whose own default is 99.999): a higher one keeps wider ranges.
-    monkeypatch.setattr(quantize, "PERCENTILE", 99.999)
-    quantize_onnx(small_fp32_onnx, tmp_path / "wider.onnx", photos)
+    quantize_onnx(small_fp32_onnx, tmp_path / "wider.onnx", photos, percentile=99.999)
     wider = _activation_scales(tmp_path / "wider.onnx")
     assert all(wider[name] >= percentile[name] * (1 - 1e-6) for name in percentile)
     assert np.mean([wider[name] > percentile[name] * 1.01 for name in percentile]) > 0.3
     metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "percentile.onnx")).metadata_props}
     assert json.loads(metadata[QUANTIZATION_KEY])["activations"] == "uint8 percentile 99.99"
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "wider.onnx")).metadata_props}
+    assert json.loads(metadata[QUANTIZATION_KEY])["activations"] == "uint8 percentile 99.999"
 
 
 @pytest.mark.heavy
