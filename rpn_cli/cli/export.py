@@ -24,7 +24,7 @@ def export(
     export_format: Annotated[str, typer.Option("--format", "-f", help="onnx, onnx-int8 (quantized for CPUs, calibrated on --calibration photos) or torchscript (deprecated by PyTorch; loading it back runs code, so rpn needs --trust-torchscript for it).")] = "onnx",
     calibration: Annotated[Optional[list[str]], typer.Option("--calibration", help="onnx-int8: photos like those the model will see (files, folders, globs; repeatable), never your validation photos.")] = None,
     calibration_count: Annotated[Optional[int], typer.Option("--calibration-count", min=1, help="onnx-int8: at most this many of them, in the order given.  [default: 200]")] = None,
-    calibration_method: Annotated[Optional[str], typer.Option("--calibration-method", help="onnx-int8: how activation ranges are set: percentile (each tensor's 99.99th percentile of magnitude; lost less recall on our validation photos) or minmax (the whole range seen).  [default: percentile]")] = None,
+    calibration_method: Annotated[Optional[str], typer.Option("--calibration-method", help="onnx-int8: how activation ranges are set: percentile (each tensor's --calibration-percentile of magnitude) or minmax (the whole range seen); which loses less recall depends on the weights (rpn_cli/weights/README.md).  [default: percentile]")] = None,
     calibration_percentile: Annotated[Optional[float], typer.Option("--calibration-percentile", help="onnx-int8 with percentile: the percentile of magnitude each activation range ends at.  [default: 99.99]")] = None,
 ) -> None:
     """Export the network (backbone and head; dynamic image size) for deployment tools.
@@ -42,7 +42,7 @@ def export(
         checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
         given = [name for name, value in (("--calibration", calibration), ("--calibration-count", calibration_count),
                                           ("--calibration-method", calibration_method),
-                                          ("--calibration-percentile", calibration_percentile)) if value]
+                                          ("--calibration-percentile", calibration_percentile)) if value is not None]
         if given and export_format != "onnx-int8":
             raise UsageError(f"{', '.join(given)}: only for --format onnx-int8, not {export_format}")
         if calibration_percentile is not None and calibration_method == "minmax":
@@ -56,9 +56,9 @@ def export(
         if calibration and not photos:
             raise UsageError("no readable calibration photos")
         used = export_model(checkpoint_or_default(checkpoint), destination, export_format, calibration=photos,
-                            calibration_count=calibration_count or 200,
-                            calibration_method=calibration_method or "percentile",
-                            calibration_percentile=calibration_percentile or DEFAULT_PERCENTILE,
+                            calibration_count=200 if calibration_count is None else calibration_count,
+                            calibration_method="percentile" if calibration_method is None else calibration_method,
+                            calibration_percentile=DEFAULT_PERCENTILE if calibration_percentile is None else calibration_percentile,
                             on_skipped=_warn_skipped)
     except RpnError as error:
         fail(error)

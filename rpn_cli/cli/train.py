@@ -48,7 +48,7 @@ def train(
     shorter_side: Annotated[Optional[int], typer.Option("--shorter-side", min=32, help="Test-time shorter side written into the checkpoint. Default: 512 (mobilenet_v2_fpn), 600 (resnet50-c4).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="float32, or bfloat16: the forward pass under autocast (losses and weights in float32), about twice as fast on a GPU or a CPU with bfloat16 units (AMX, AVX-512 BF16), slower on one without.")] = "float32",
+    precision: Annotated[str, typer.Option("--precision", help="float32, or bfloat16: the forward pass under autocast (losses and weights in float32), 1.55x faster measured on a CPU with bfloat16 units (AMX, AVX-512 BF16; benchmarks/benchmark_train.py), slower on one without; untried on a GPU.")] = "float32",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train an RPN (default: MobileNetV2 + FPN) and write our checkpoint format."""
@@ -65,7 +65,6 @@ def train(
     from ..model.spec import default_mobilenet_spec, seed_project_spec
     from ..training.loop import TrainConfig, TrainEvent
     from ..training.loop import train as run_training
-    from ..training.targets import BOX_LOSSES
 
     try:
         sizes = parse_sizes(train_sizes, "--train-sizes")
@@ -78,10 +77,6 @@ def train(
         if init and (backbone or shorter_side):
             raise UsageError("--init: the checkpoint sets the model and its shorter side; "
                              "leave out --backbone and --shorter-side")
-        if precision not in ("float32", "bfloat16"):
-            raise UsageError(f"--precision {precision}: choose float32 or bfloat16")
-        if box_loss not in BOX_LOSSES:
-            raise UsageError(f"--box-loss {box_loss}: choose {' or '.join(BOX_LOSSES)}")
         backbone = backbone or "mobilenet_v2_fpn"
         if backbone not in ("mobilenet_v2_fpn", "resnet50-c4"):
             raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn or resnet50-c4")
@@ -104,6 +99,7 @@ def train(
             teacher_threshold=teacher_threshold, freeze_blocks=freeze_blocks, allowed_border=allowed_border,
             train_sizes=sizes, loader_threads=loader_threads, command=command_line(),
         )
+        config.check()  # before --restart deletes anything
         if not resume and (work_dir / "last.pt").exists():
             (work_dir / "last.pt").unlink()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -38,6 +38,9 @@ def vote_boxes(kept: torch.Tensor, candidates: torch.Tensor, weights: torch.Tens
     if weights.shape[-1] > max_candidates:
         weights, best = weights.topk(max_candidates, dim=-1)
         candidates = candidates.gather(-2, best[..., None].expand(*best.shape, 4))
+    # A candidate that must not vote may hold anything (a NaN corner from an overflowed delta): zeroed,
+    # since 0 x NaN would still spoil the sums. Equal weights at the cut-off may pick either candidate.
+    candidates = torch.where(weights[..., None] > 0, candidates, torch.zeros_like(candidates))
     votes = overlapping(kept, candidates, iou_threshold) * weights[..., None, :]
     total = votes.sum(dim=-1, keepdim=True)
     voted = (votes @ candidates) / total.clamp(min=torch.finfo(total.dtype).tiny)

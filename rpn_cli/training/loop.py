@@ -39,13 +39,15 @@ from ..io.images import load_image
 from ..model.network import RegionProposalNetwork
 from ..model.preprocess import pad_batch, resize_image, to_tensor
 from ..model.spec import ModelSpec
-from .targets import TargetSettings, rpn_losses
+from .targets import BOX_LOSSES, TargetSettings, rpn_losses
 from .teacher import (
     YoloxTeacher,
     merge_teacher_boxes,
     merged_confidence,
     partial_label_targets,
 )
+
+TRAINING_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -80,8 +82,8 @@ class TrainConfig:
     # The box term: "smooth-l1" on deltas or "giou" on decoded boxes, and its weight against objectness.
     box_loss: str = "smooth-l1"
     box_loss_weight: float = 1.0
-    # "bfloat16": the network's forward pass under autocast (losses and weights stay float32); about
-    # twice as fast where the CPU has bfloat16 units (benchmarks/benchmark_train.py) or on a GPU.
+    # "bfloat16": the network's forward pass under autocast (losses and weights stay float32); 1.55x
+    # faster on a CPU with bfloat16 units (benchmarks/benchmark_train.py), untried on a GPU.
     precision: str = "float32"
     # None: every anchor takes part (torchvision's rule); a number: anchors crossing the border by more
     # than that many pixels are left out (the paper's rule is 0). See README, "Training".
@@ -93,6 +95,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Refuse settings no run can have (:class:`UsageError`, named as the command line names them)."""
+        if self.box_loss not in BOX_LOSSES:
+            raise UsageError(f"--box-loss {self.box_loss}: choose {' or '.join(BOX_LOSSES)}")
+        if self.precision not in TRAINING_PRECISIONS:
+            raise UsageError(f"--precision {self.precision}: choose {' or '.join(TRAINING_PRECISIONS)}")
 
 
 @dataclass
@@ -308,6 +317,7 @@ class _Run:
 
 def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
     """Train (or resume) and write ``work_dir/final.safetensors``; returns the last validation report."""
+    config.check()
     if config.soft_targets and (config.teacher is None or spec.score != "sigmoid"):
         raise UsageError("--soft-targets needs --teacher and a model with sigmoid scores")
     work_dir = Path(config.work_dir)

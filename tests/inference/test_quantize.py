@@ -92,6 +92,8 @@ def test_export_int8_needs_calibration_photos(small_checkpoint, tmp_path):
     assert not (tmp_path / "model.onnx").exists()
     for options, message in ((["--calibration-percentile", "30"], "--calibration-percentile 30: choose a value over 50 "
                                                                    "and at most 100"),
+                             (["--calibration-percentile", "0"], "--calibration-percentile 0: choose a value over 50 "
+                                                                  "and at most 100"),
                              (["--calibration-method", "minmax", "--calibration-percentile", "99.9"],
                               "--calibration-percentile: only with --calibration-method percentile")):
         result = run_rpn("export", small_checkpoint, tmp_path / "int8.onnx", "--format", "onnx-int8",

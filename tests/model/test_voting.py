@@ -69,6 +69,13 @@ def test_only_the_best_candidates_vote():
                                _vote_by_hand(kept, candidates[best], weights[best], 0.6), rtol=1e-5, atol=1e-3)
 
 
+def test_a_candidate_that_does_not_vote_cannot_spoil_the_vote():
+    kept = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
+    candidates = torch.tensor([[12.0, 10.0, 52.0, 50.0], [float("nan"), 10.0, 50.0, 50.0]])
+    voted = vote_boxes(kept, candidates, torch.tensor([0.5, 0.0]), 0.7)
+    torch.testing.assert_close(voted, _vote_by_hand(kept, candidates[:1], torch.tensor([0.5]), 0.7))
+
+
 def test_a_batch_votes_image_by_image_and_zero_weights_do_not_vote():
     generator = torch.Generator().manual_seed(3)
     kept = torch.stack([_random_boxes(generator, 6) for _ in range(3)])
