@@ -33,16 +33,17 @@ def export(
     with the same proposal layer.
     """
     from ..inference.export import export_model
-    from ..inference.quantize import DEFAULT_PERCENTILE
     from ..io.inputs import expand_inputs
 
     try:
         if len(paths) > 2:
             raise UsageError("rpn export [CHECKPOINT] DESTINATION: at most two paths")
         checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
-        given = [name for name, value in (("--calibration", calibration), ("--calibration-count", calibration_count),
-                                          ("--calibration-method", calibration_method),
-                                          ("--calibration-percentile", calibration_percentile)) if value is not None]
+        # Only the options given reach export_model, whose defaults are the documented ones.
+        tuning = {"calibration_count": calibration_count, "calibration_method": calibration_method,
+                  "calibration_percentile": calibration_percentile}
+        given = ["--" + key.replace("_", "-") for key, value in (("calibration", calibration), *tuning.items())
+                 if value is not None]
         if given and export_format != "onnx-int8":
             raise UsageError(f"{', '.join(given)}: only for --format onnx-int8, not {export_format}")
         if calibration_percentile is not None and calibration_method == "minmax":
@@ -56,10 +57,7 @@ def export(
         if calibration and not photos:
             raise UsageError("no readable calibration photos")
         used = export_model(checkpoint_or_default(checkpoint), destination, export_format, calibration=photos,
-                            calibration_count=200 if calibration_count is None else calibration_count,
-                            calibration_method="percentile" if calibration_method is None else calibration_method,
-                            calibration_percentile=DEFAULT_PERCENTILE if calibration_percentile is None else calibration_percentile,
-                            on_skipped=_warn_skipped)
+                            on_skipped=_warn_skipped, **{key: value for key, value in tuning.items() if value is not None})
     except RpnError as error:
         fail(error)
     calibrated = f", calibrated on {used} photos" if used else ""

@@ -15,7 +15,7 @@ from ..io.checkpoint import METADATA_KEY, load_checkpoint
 from ..io.files import atomic_write_bytes
 from ..model.network import RegionProposalNetwork
 from ..model.spec import ModelSpec
-from .quantize import DEFAULT_PERCENTILE
+from .quantize import DEFAULT_PERCENTILE, check_calibration_method, quantize_onnx
 
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 
@@ -56,8 +56,6 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
     if export_format == "onnx-int8":
         if not calibration:
             raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")
-        from .quantize import check_calibration_method, quantize_onnx
-
         check_calibration_method(calibration_method, calibration_percentile)
         with tempfile.TemporaryDirectory(prefix="rpn-export-") as work:
             fp32 = Path(work) / "fp32.onnx"
