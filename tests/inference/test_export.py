@@ -17,15 +17,16 @@ from rpn_cli.io.converters import convert_torchvision
 from rpn_cli.io.images import load_image
 from rpn_cli.model.network import RegionProposalNetwork
 from rpn_cli.model.preprocess import pad_batch, prepare_image
-from rpn_cli.model.spec import seed_project_spec
+from rpn_cli.model.spec import default_mobilenet_spec, seed_project_spec
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the onnx extra")
 pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (onnx extra)")
 
 
 # The shipped checkpoint, the seed's single-level ResNet-50 C4 (ceil-mode pooling: its feature size is
-# not a plain multiple of the image size) and a converted torchvision FPN detector (five levels).
-MODELS = ["default", "resnet50-c4", "torchvision-fpn"]
+# not a plain multiple of the image size), a converted torchvision FPN detector (five levels) and
+# EfficientNet-Lite0 + FPN (fixed asymmetric padding before its stride-2 convolutions).
+MODELS = ["default", "resnet50-c4", "torchvision-fpn", "efficientnet_lite0_fpn"]
 
 
 def _checkpoint_for(name: str, folder, default_checkpoint):
@@ -35,6 +36,8 @@ def _checkpoint_for(name: str, folder, default_checkpoint):
     path = folder / f"{name}.safetensors"
     if name == "resnet50-c4":
         save_checkpoint(RegionProposalNetwork(seed_project_spec()), path)
+    elif name == "efficientnet_lite0_fpn":
+        save_checkpoint(RegionProposalNetwork(default_mobilenet_spec(backbone=name)), path)
     else:
         arch = "fasterrcnn_mobilenet_v3_large_320_fpn"
         detector = getattr(detection, arch)(weights=None, weights_backbone=None)

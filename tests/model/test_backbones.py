@@ -124,7 +124,9 @@ def test_propose_with_our_checkpoints_does_not_import_torchvision(tmp_path):
     assert (tmp_path / "coffee.png").exists()
 
 
-@pytest.mark.parametrize("spec", [default_mobilenet_spec, seed_project_spec], ids=["mobilenet_v2_fpn", "resnet50-c4"])
+@pytest.mark.parametrize("spec", [default_mobilenet_spec, seed_project_spec,
+                                  lambda: default_mobilenet_spec(backbone="efficientnet_lite0_fpn")],
+                         ids=["mobilenet_v2_fpn", "resnet50-c4", "efficientnet_lite0_fpn"])
 def test_folding_batchnorm_keeps_the_outputs(spec):
     torch.manual_seed(0)
     model = RegionProposalNetwork(spec())

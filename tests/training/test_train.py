@@ -460,6 +460,46 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
         assert (tmp_path / "imagenet" / "last.pt").is_file()  # refused before --restart deleted anything
 
 
+def test_efficientnet_lite0_trains_from_its_imagenet_weights_and_proposes(tmp_path):
+    from typer.testing import CliRunner
+
+    from rpn_cli.cli import app
+    from rpn_cli.io.checkpoint import load_checkpoint
+    from rpn_cli.model.efficientnet import (
+        efficientnet_lite0_features,
+        efficientnet_pytorch_key_map,
+    )
+
+    folder = _synthetic_dataset(tmp_path / "data", count=3, size=(96, 80))
+    torch.manual_seed(4)
+    source = efficientnet_lite0_features()
+    with torch.no_grad():  # statistics that frozen BatchNorm must keep
+        for module in source.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+    ours = source.state_dict()
+    imagenet = {theirs: ours[key] for theirs, key in efficientnet_pytorch_key_map(source).items()}
+    torch.save(imagenet, tmp_path / "lite0.pth")
+    common = [str(folder / "instances.json"), "--backbone", "efficientnet_lite0_fpn", "--train-sizes", "64,96",
+              "--epochs", "1", "--batch-size", "2", "--validation", "1", "--shorter-side", "96", "--quiet"]
+    result = CliRunner().invoke(app, ["train", *common, "--work-dir", str(tmp_path / "work"),
+                                      "--backbone-weights", str(tmp_path / "lite0.pth")])
+    assert result.exit_code == 0, result.output
+    model = load_checkpoint(tmp_path / "work" / "final.safetensors", "cpu")
+    assert model.spec.backbone.name == "efficientnet_lite0_fpn"
+    assert (model.spec.preprocess.mean, model.spec.preprocess.size_divisible) == ([127.0] * 3, 32)
+    assert model.spec.provenance["config"]["freeze_blocks"] == 4
+    stem, first_trained = model.backbone.stages[0][0], model.backbone.stages[0][4]
+    assert torch.equal(stem[1].weight, imagenet["_conv_stem.weight"])  # fixed (after the stem's padding)
+    assert torch.equal(stem[2].running_mean, imagenet["_bn0.running_mean"])
+    assert not torch.equal(first_trained.conv[0].weight, imagenet["_blocks.3._expand_conv.weight"])  # trains
+    proposed = CliRunner().invoke(app, ["propose", str(folder / "images"), "-c", str(tmp_path / "work" / "final.safetensors"),
+                                        "-q", "--top-k", "5"])
+    assert proposed.exit_code == 0, proposed.output
+    records = [json.loads(line) for line in proposed.output.splitlines()]
+    assert len(records) == 3 and all(len(record["boxes"]) == 5 for record in records)
+
+
 def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_path, teacher_model):
     pytest.importorskip("onnxruntime")
     from typer.testing import CliRunner
