@@ -149,6 +149,24 @@ TrustTorchScriptOption = Annotated[
     typer.Option("--trust-torchscript", help="Allow a TorchScript (.pt) checkpoint. Loading one RUNS CODE THE FILE CARRIES: only for files you made or trust."),
 ]
 
+# The proposal layer's limits, as rpn propose and rpn eval take them (None: the checkpoint's).
+PreNmsTopNOption = Annotated[
+    Optional[int],
+    typer.Option("--pre-nms-top-n", help="Boxes kept before NMS (per level). [default: the checkpoint's; shipped: 3000]"),
+]
+NmsIouOption = Annotated[
+    Optional[float],
+    typer.Option("--nms-iou", help="NMS IoU threshold. [default: the checkpoint's; shipped: 0.7]"),
+]
+MinSizeOption = Annotated[
+    Optional[float],
+    typer.Option("--min-size", help="Smallest box side, in resized-image pixels. [default: the checkpoint's; shipped: 8]"),
+]
+VoteIouOption = Annotated[
+    Optional[float],
+    typer.Option("--vote-iou", help="Box voting: each box kept by NMS moves to the score-weighted mean of the candidates overlapping it by this IoU; 0: none (the seed's layer). [default: the checkpoint's; shipped: 0.7]"),
+]
+
 
 def parse_comma_separated(text: str, option: str, kind: type, what: str) -> list:
     try:

@@ -9,11 +9,15 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..errors import RpnError
+from ..errors import RpnError, UsageError
 from .base import (
     BackendOption,
     CheckpointOption,
+    MinSizeOption,
+    NmsIouOption,
+    PreNmsTopNOption,
     TrustTorchScriptOption,
+    VoteIouOption,
     app,
     checkpoint_or_default,
     err,
@@ -35,6 +39,10 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 (as rpn propose).")] = "auto",
     post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Proposals per image when running a checkpoint.")] = None,
+    pre_nms_top_n: PreNmsTopNOption = None,
+    nms_iou: NmsIouOption = None,
+    min_size: MinSizeOption = None,
+    vote_iou: VoteIouOption = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate on the first N images only.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="An annotated image that cannot be read is an error (exit 5), not left out of the figures with a warning.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write recall curves to this PNG (needs matplotlib).")] = None,
@@ -70,6 +78,12 @@ def evaluate(
         left_out.append(image)
 
     try:
+        layer_options = {"--post-nms-top-n": post_nms_top_n, "--pre-nms-top-n": pre_nms_top_n, "--nms-iou": nms_iou,
+                         "--min-size": min_size, "--vote-iou": vote_iou}
+        given = [name for name, value in layer_options.items() if value is not None]
+        if proposals is not None and given:
+            raise UsageError(f"{', '.join(given)}: the proposal layer's options apply when running a checkpoint, "
+                             "not to a --proposals file")
         ground_truth = load_ground_truth(annotations, images, limit)
         if proposals is not None:
             found = proposals_from_jsonl(proposals, ground_truth)
@@ -79,7 +93,8 @@ def evaluate(
             checkpoint = checkpoint_or_default(checkpoint)
             note_first_onnx_build(checkpoint, device, precision, backend, quiet)
             proposer = Proposer(checkpoint, device=device, precision=precision,
-                                backend=backend, trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n)
+                                backend=backend, trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n,
+                                pre_nms_top_n=pre_nms_top_n, nms_iou=nms_iou, min_size=min_size, vote_iou=vote_iou)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:
                 task = progress.add_task("images", total=len(ground_truth))

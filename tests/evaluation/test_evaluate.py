@@ -94,3 +94,33 @@ def test_eval_command_on_a_proposals_file(coco_dir, tmp_path):
     expected = _cocoeval_recall(coco_dir / "instances.json", images, proposals)
     assert report["AR@300"] == pytest.approx(expected[:, 0, 2].mean(), abs=1e-4)
     assert plot.stat().st_size > 1000
+
+
+def test_eval_takes_the_proposal_layers_options_as_propose_does(tmp_path, default_checkpoint):
+    """The "ground truth" is the shipped checkpoint's own best 20 boxes without voting: evaluated with
+    --vote-iou 0 they are found exactly (recall 1 up to IoU 0.95); with the checkpoint's voting they move."""
+    from conftest import SAMPLES, run_rpn
+
+    photos = [SAMPLES / name for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg")]
+    common = ["-c", default_checkpoint, "--backend", "torch", "--precision", "float32", "-q"]
+    records = [json.loads(line) for line in run_rpn("propose", *photos, *common, "--vote-iou", "0", "--top-k", "20",
+                                                      check=True).stdout.splitlines()]
+    images, annotations = [], []
+    for number, (photo, record) in enumerate(zip(photos, records), 1):
+        images.append({"id": number, "file_name": photo.name, "width": record["width"], "height": record["height"]})
+        for x1, y1, x2, y2 in record["boxes"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": number, "category_id": 1, "iscrowd": 0,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+    (tmp_path / "own.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": [{"id": 1, "name": "object"}]}))
+    evaluate = ["eval", tmp_path / "own.json", "--images", SAMPLES, *common, "--json"]
+    without_voting = json.loads(run_rpn(*evaluate, "--vote-iou", "0", check=True).stdout)
+    assert without_voting["boxes"] == 60 and without_voting["AR@100"] == pytest.approx(1.0)
+    with_voting = json.loads(run_rpn(*evaluate, check=True).stdout)
+    assert with_voting["AR@100"] < 0.99
+    fewer = json.loads(run_rpn(*evaluate, "--vote-iou", "0", "--nms-iou", "0.3", check=True).stdout)
+    assert fewer["AR@100"] < 0.99  # boxes the 0.7 NMS kept are now suppressed
+    refused = run_rpn("eval", tmp_path / "own.json", "--proposals", tmp_path / "none.jsonl", "--vote-iou", "0")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("error: --vote-iou: the proposal layer's options apply when running a checkpoint, "
+                                      "not to a --proposals file")
