@@ -9,7 +9,8 @@ averaged over --photos photos of ../shared/data/coco-train2017/images.
 Then the whole proposal layer on a batch of --batch photos (one padded batch through the default
 checkpoint): image by image (what the CPU runs) against one pass over the batch (what a GPU runs,
 ``ProposalLayer.for_batch``), on this machine's CPU; and image by image without and with box voting
-(``--vote-iou``), which is the cost voting adds to a photo.
+(``--vote-iou``), which is the cost voting adds to a photo, and with 1,000 boxes a level before NMS
+instead of the shipped 3,000.
 """
 
 import argparse
@@ -68,8 +69,15 @@ def _batch_layer_times(count: int, repeats: int) -> tuple[float, float, bool]:
     return _time(image_by_image, repeats), _time(lambda: layer.for_batch(levels, sizes), repeats), same
 
 
-def _voting_times(count: int, repeats: int) -> tuple[float, float]:
-    """Seconds a photo of the per-image proposal layer on ``count`` photos, without and with voting at 0.7."""
+# The proposal layer's settings timed side by side: the shipped ones, without voting, and with fewer
+# boxes per level into NMS (torchvision's FPN keeps 1,000 per level at test time).
+LAYER_VARIANTS = (("shipped (3,000 a level before NMS, voting at 0.7)", {}),
+                  ("without voting", {"vote_iou": 0.0}),
+                  ("1,000 a level before NMS, voting at 0.7", {"pre_nms_top_n": 1000}))
+
+
+def _layer_times(count: int, repeats: int) -> list[float]:
+    """Seconds a photo of the per-image proposal layer on ``count`` photos, for each of LAYER_VARIANTS."""
     from dataclasses import replace
 
     from rpn_cli import Proposer
@@ -81,11 +89,11 @@ def _voting_times(count: int, repeats: int) -> tuple[float, float]:
         prepared = proposer.prepare(path)
         outputs.append((run_model(proposer.model, [prepared]), prepared.resized_size))
     times = []
-    for vote_iou in (0.0, 0.7):
-        layer = replace(proposer.proposal_layer, settings=replace(proposer.proposal_layer.settings, vote_iou=vote_iou))
+    for _, changes in LAYER_VARIANTS:
+        layer = replace(proposer.proposal_layer, settings=replace(proposer.proposal_layer.settings, **changes))
         times.append(_time(lambda: [layer(levels, 0, height, width) for levels, (width, height) in outputs],
                            repeats) / count)
-    return times[0], times[1]
+    return times
 
 
 def _boxes(kind: str, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -136,9 +144,11 @@ def main() -> None:
         looped, one_pass, same = _batch_layer_times(args.batch, max(1, args.repeats // 4))
         print(f"\nProposal layer on a batch of {args.batch} photos, CPU: image by image {looped * 1000:.0f} ms, "
               f"one pass {one_pass * 1000:.0f} ms ({looped / one_pass:.2f}x); same boxes (within 0.001 px): {same}")
-        plain, voting = _voting_times(args.photos, max(1, args.repeats // 4))
-        print(f"Proposal layer a photo ({args.photos} photos), CPU: {plain * 1000:.1f} ms, with box voting at 0.7 "
-              f"{voting * 1000:.1f} ms (+{(voting - plain) * 1000:.1f} ms)")
+        times = _layer_times(args.photos, max(1, args.repeats // 4))
+        print(f"\nProposal layer a photo ({args.photos} photos, image by image), CPU:\n")
+        print("| settings | ms a photo |\n|---|---|")
+        for (name, _), seconds in zip(LAYER_VARIANTS, times):
+            print(f"| {name} | {seconds * 1000:.1f} |")
 
 
 if __name__ == "__main__":
