@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +18,10 @@ from .base import (
     interruptible,
     parse_sizes,
 )
+
+
+# Progress lines a log gets (steps or teacher images) when stderr is not a terminal.
+LOG_EVERY = 50
 
 
 @app.command()
@@ -106,6 +111,7 @@ def train(
                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
                       console=err, disable=quiet or not err.is_terminal) as progress:
             tasks: dict = {}
+            started = time.monotonic()
 
             def report(event: TrainEvent) -> None:
                 if event.kind == "warning":
@@ -121,6 +127,11 @@ def train(
                     tasks[name] = progress.add_task(name, total=event.total, losses="")
                 losses = " ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
                 progress.update(tasks[name], completed=event.done, losses=losses)
+                # Without a terminal (nohup, a pipeline's log) there is no bar: a line now and then instead.
+                if not quiet and not err.is_terminal and (event.done % LOG_EVERY == 0 or event.done == event.total):
+                    elapsed = (time.monotonic() - started) / 60
+                    err.print(f"{name}: {event.done}/{event.total}{' ' + losses if losses else ''} ({elapsed:.1f} min)",
+                              soft_wrap=True, markup=False)
 
             result = run_training(config, spec, resolve_device(device), report)
         final = work_dir / "final.safetensors"

@@ -460,6 +460,27 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
         assert (tmp_path / "imagenet" / "last.pt").is_file()  # refused before --restart deleted anything
 
 
+def test_a_run_without_a_terminal_logs_progress_lines(tmp_path):
+    from typer.testing import CliRunner
+
+    from rpn_cli.cli import app
+
+    folder = _synthetic_dataset(tmp_path / "data", count=3, size=(96, 80))
+    result = CliRunner().invoke(app, ["train", str(folder / "instances.json"), "--work-dir", str(tmp_path / "work"),
+                                      "--epochs", "2", "--batch-size", "1", "--validation", "1",
+                                      "--train-sizes", "64", "--shorter-side", "64"])
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.output.splitlines() if line.startswith(("epoch 1: ", "epoch 2: "))]
+    # Two training photos a step each: the last step of each epoch logs, then the epoch's summary.
+    assert [line.split(" objectness")[0] for line in steps] == ["epoch 1: 2/2", "epoch 2: 2/2"], result.output
+    assert all(line.endswith(" min)") and "objectness" in line for line in steps), steps
+    assert "epoch 2/2 losses" in result.output
+    quiet = CliRunner().invoke(app, ["train", str(folder / "instances.json"), "--work-dir", str(tmp_path / "quiet"),
+                                     "--epochs", "1", "--batch-size", "1", "--validation", "1",
+                                     "--train-sizes", "64", "--shorter-side", "64", "--quiet"])
+    assert quiet.exit_code == 0 and "1/2" not in quiet.output, quiet.output
+
+
 def test_efficientnet_lite0_trains_from_its_imagenet_weights_and_proposes(tmp_path):
     from typer.testing import CliRunner
 
