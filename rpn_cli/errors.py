@@ -35,3 +35,9 @@ class OutputError(RpnError):
     """An output file that cannot be written."""
 
     exit_code = 6
+
+
+class TrainingError(RpnError):
+    """A training run that cannot go on (its loss is no longer a finite number)."""
+
+    exit_code = 7

@@ -19,9 +19,8 @@ from .base import (
     parse_sizes,
 )
 
-
-# Progress lines a log gets (steps or teacher images) when stderr is not a terminal.
-LOG_EVERY = 50
+# Progress lines a log gets when stderr is not a terminal: every so many steps, or photos the teacher labels.
+LOG_EVERY = {"step": 50, "teacher": 500}
 
 
 @app.command()
@@ -128,7 +127,7 @@ def train(
                 losses = " ".join(f"{k} {v:.4f}" for k, v in event.losses.items())
                 progress.update(tasks[name], completed=event.done, losses=losses)
                 # Without a terminal (nohup, a pipeline's log) there is no bar: a line now and then instead.
-                if not quiet and not err.is_terminal and (event.done % LOG_EVERY == 0 or event.done == event.total):
+                if not quiet and not err.is_terminal and (event.done % LOG_EVERY[event.kind] == 0 or event.done == event.total):
                     elapsed = (time.monotonic() - started) / 60
                     err.print(f"{name}: {event.done}/{event.total}{' ' + losses if losses else ''} ({elapsed:.1f} min)",
                               soft_wrap=True, markup=False)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import CheckpointError, ImageError, UsageError
+from ..errors import CheckpointError, ImageError, TrainingError, UsageError
 from ..evaluation.recall import (
     average_recall_report,
     proposals_from_model,
@@ -463,8 +463,13 @@ def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets:
             levels = model(batch)
         losses = rpn_losses(levels, boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp, targets,
                             generator, ignores, confidences if config.soft_targets else None, config.box_loss)
+        total = losses["objectness"] + config.box_loss_weight * losses["box"]
+        if not torch.isfinite(total):
+            # One bad step spoils every weight: stop before it does (the epoch's last.pt stays as it was).
+            raise TrainingError(f"epoch {epoch + 1}, step {step + 1}: the loss is {total.item()} (training diverged); "
+                                "last.pt holds the last finished epoch: resume or restart with a lower --lr")
         run.optimizer.zero_grad(set_to_none=True)
-        (losses["objectness"] + config.box_loss_weight * losses["box"]).backward()
+        total.backward()
         run.optimizer.step()
         for key in sums:
             sums[key] += losses[key].item()

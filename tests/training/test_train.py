@@ -460,6 +460,27 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
         assert (tmp_path / "imagenet" / "last.pt").is_file()  # refused before --restart deleted anything
 
 
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_epoch(tmp_path):
+    from typer.testing import CliRunner
+
+    from rpn_cli.cli import app
+
+    folder = _synthetic_dataset(tmp_path / "data", count=3, size=(96, 80))
+    common = [str(folder / "instances.json"), "--work-dir", str(tmp_path / "work"), "--batch-size", "1",
+              "--validation", "1", "--train-sizes", "64", "--shorter-side", "64", "--quiet"]
+    first = CliRunner().invoke(app, ["train", *common, "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    saved, final = (tmp_path / "work" / "last.pt").read_bytes(), (tmp_path / "work" / "final.safetensors").read_bytes()
+    # A learning rate no network survives, resuming: the weights overflow within a step or two of epoch 2.
+    diverged = CliRunner().invoke(app, ["train", *common, "--epochs", "30", "--lr", "1e30"])
+    assert diverged.exit_code == 7, diverged.output
+    message = [line for line in diverged.output.strip().splitlines() if not line.startswith("warning: resumed")]
+    assert len(message) == 1 and message[0].startswith("error: epoch 2, step "), diverged.output
+    assert "(training diverged); last.pt holds the last finished epoch" in message[0]
+    assert (tmp_path / "work" / "last.pt").read_bytes() == saved  # no epoch of NaN weights took its place
+    assert (tmp_path / "work" / "final.safetensors").read_bytes() == final
+
+
 def test_a_run_without_a_terminal_logs_progress_lines(tmp_path):
     from typer.testing import CliRunner
 
