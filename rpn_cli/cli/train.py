@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
@@ -149,8 +150,6 @@ _IMAGENET_WEIGHT_PACKAGES = {
 
 
 def _packaged_imagenet_weights(backbone: str) -> Optional[Path]:
-    import importlib
-
     module, file = _IMAGENET_WEIGHT_PACKAGES[backbone]
     try:
         package = importlib.import_module(module)

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from .anchors import anchor_shapes, seed_project_anchor_shapes
 from .boxes import DEFAULT_DELTA_CLAMP
 from .proposals import ProposalLayer, ProposalSettings
@@ -29,7 +29,7 @@ class BackboneSpec:
     """Which trunk (a name in :func:`rpn_cli.model.backbones.backbone_names`) and its options."""
 
     name: str
-    fpn_channels: int | None = None  # mobilenet_v2_fpn: channels of the feature pyramid (None: 128)
+    fpn_channels: int | None = None  # *_fpn trunks: channels of the feature pyramid (None: 128)
     arch: str | None = None  # torchvision-fpn: the torchvision detector whose trunk it is
 
 
@@ -198,6 +198,10 @@ def _description_problem(data: dict) -> str | None:
     return None
 
 
+# The trunks under the shipped network's feature pyramid, head and anchors.
+PYRAMID_TRUNKS = ("mobilenet_v2_fpn", "efficientnet_lite0_fpn")
+
+
 def default_mobilenet_spec(
     fpn_channels: int = 128,
     mid_channels: int = 128,
@@ -210,6 +214,8 @@ def default_mobilenet_spec(
     """The architecture of the shipped default: MobileNetV2 + FPN at strides 8/16/32. With
     ``backbone="efficientnet_lite0_fpn"``, the same pyramid, head and anchors on EfficientNet-Lite0,
     fed as its ImageNet weights were trained ((RGB - 127) / 128, sides padded to multiples of 32)."""
+    if backbone not in PYRAMID_TRUNKS:
+        raise UsageError(f"backbone {backbone!r}: this pyramid is built on {' or '.join(PYRAMID_TRUNKS)}")
     levels = []
     for stride, sizes in zip((8, 16, 32), sizes_per_level):
         scales = [size / stride for size in sizes]

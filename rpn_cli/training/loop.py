@@ -332,7 +332,15 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     targets = TargetSettings(allowed_border=float("inf") if config.allowed_border is None else config.allowed_border)
     for epoch in range(len(run.history), config.epochs):
         started = time.time()
-        losses = _train_one_epoch(run, epoch, targets, device, report)
+        try:
+            losses = _train_one_epoch(run, epoch, targets, device, report)
+            # A finite loss can still give a non-finite update (the epoch's last step, say): never save that.
+            if not all(bool(torch.isfinite(parameter).all()) for parameter in run.model.parameters()):
+                raise TrainingError(f"epoch {epoch + 1}: the weights are no longer finite numbers (training diverged)")
+        except TrainingError as error:
+            advice = (f"{state_file.name} holds epoch {len(run.history)}, the last finished one: resume from it or "
+                      "restart with a lower --lr" if state_file.exists() else "no epoch finished: restart with a lower --lr")
+            raise TrainingError(f"{error}; {advice}") from None
         run.model.eval()
         figures = evaluate_model(run.model, run.validation, report) if run.validation else {}
         run.history.append({"epoch": epoch + 1, "seconds": round(time.time() - started, 1), "losses": losses,
@@ -465,9 +473,8 @@ def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets:
                             generator, ignores, confidences if config.soft_targets else None, config.box_loss)
         total = losses["objectness"] + config.box_loss_weight * losses["box"]
         if not torch.isfinite(total):
-            # One bad step spoils every weight: stop before it does (the epoch's last.pt stays as it was).
-            raise TrainingError(f"epoch {epoch + 1}, step {step + 1}: the loss is {total.item()} (training diverged); "
-                                "last.pt holds the last finished epoch: resume or restart with a lower --lr")
+            # One bad step spoils every weight: stop before it does.
+            raise TrainingError(f"epoch {epoch + 1}, step {step + 1}: the loss is {total.item()} (training diverged)")
         run.optimizer.zero_grad(set_to_none=True)
         total.backward()
         run.optimizer.step()

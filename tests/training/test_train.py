@@ -477,9 +477,13 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_e
     # Warnings aside (resumed; without the packaged ImageNet weights, a trunk from scratch): one line.
     message = [line for line in diverged.output.strip().splitlines() if not line.startswith("warning: ")]
     assert len(message) == 1 and message[0].startswith("error: epoch 2, step "), diverged.output
-    assert "(training diverged); last.pt holds the last finished epoch" in message[0]
+    assert message[0].endswith("(training diverged); last.pt holds epoch 1, the last finished one: resume from it "
+                               "or restart with a lower --lr")
     assert (tmp_path / "work" / "last.pt").read_bytes() == saved  # no epoch of NaN weights took its place
     assert (tmp_path / "work" / "final.safetensors").read_bytes() == final
+    fresh = CliRunner().invoke(app, ["train", *common, "--epochs", "2", "--lr", "1e30", "--restart"])
+    assert fresh.exit_code == 7 and fresh.output.strip().endswith(
+        "(training diverged); no epoch finished: restart with a lower --lr"), fresh.output
 
 
 def test_a_run_without_a_terminal_logs_progress_lines(tmp_path):
@@ -535,6 +539,7 @@ def test_efficientnet_lite0_trains_from_its_imagenet_weights_and_proposes(tmp_pa
     stem, first_trained = model.backbone.stages[0][0], model.backbone.stages[0][4]
     assert torch.equal(stem[1].weight, imagenet["_conv_stem.weight"])  # fixed (after the stem's padding)
     assert torch.equal(stem[2].running_mean, imagenet["_bn0.running_mean"])
+    assert torch.equal(model.backbone.stages[0][3].conv[0].weight, imagenet["_blocks.2._expand_conv.weight"])
     assert not torch.equal(first_trained.conv[0].weight, imagenet["_blocks.3._expand_conv.weight"])  # trains
     proposed = CliRunner().invoke(app, ["propose", str(folder / "images"), "-c", str(tmp_path / "work" / "final.safetensors"),
                                         "-q", "--top-k", "5"])
