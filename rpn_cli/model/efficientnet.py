@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .mobilenet import initialise_trunk
+
 BATCHNORM_EPS = 1e-3
 # (kernel, first stride, expansion, output channels, repeats) of each stage, Lite0 (width and depth 1.0).
 LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3),
@@ -73,12 +75,7 @@ def efficientnet_lite0_features() -> nn.Sequential:
             channels = outputs
     entries.append(nn.Sequential(*_conv_bn_relu6(channels, HEAD_CHANNELS, 1)))
     features = nn.Sequential(*entries)
-    for module in features.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    initialise_trunk(features)
     return features
 
 

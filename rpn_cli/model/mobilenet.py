@@ -59,13 +59,18 @@ def mobilenet_v2_features() -> nn.Sequential:
             channels = outputs
     blocks.append(conv_bn_relu6(channels, LAST_CHANNELS, kernel_size=1))
     features = nn.Sequential(*blocks)
-    for module in features.modules():
+    initialise_trunk(features)
+    return features
+
+
+def initialise_trunk(trunk: nn.Module) -> None:
+    """torchvision's random start for mobile trunks: He normal (fan out) convolutions, unit BatchNorm."""
+    for module in trunk.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out")
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-    return features
 
 
 class FeaturePyramid(nn.Module):
