@@ -67,7 +67,7 @@ def train(
 
     from ..inference.devices import resolve_device
     from ..io.files import atomic_write_bytes
-    from ..model.spec import default_mobilenet_spec, seed_project_spec
+    from ..model.spec import PYRAMID_TRUNKS, default_mobilenet_spec, seed_project_spec
     from ..training.loop import TrainConfig, TrainEvent
     from ..training.loop import train as run_training
 
@@ -83,8 +83,8 @@ def train(
             raise UsageError("--init: the checkpoint sets the model and its shorter side; "
                              "leave out --backbone and --shorter-side")
         backbone = backbone or "mobilenet_v2_fpn"
-        if backbone not in ("mobilenet_v2_fpn", "efficientnet_lite0_fpn", "resnet50-c4"):
-            raise UsageError(f"--backbone {backbone}: choose mobilenet_v2_fpn, efficientnet_lite0_fpn or resnet50-c4")
+        if backbone not in (*PYRAMID_TRUNKS, "resnet50-c4"):
+            raise UsageError(f"--backbone {backbone}: choose {', '.join(PYRAMID_TRUNKS)} or resnet50-c4")
         if backbone == "resnet50-c4":
             spec = seed_project_spec()
             spec.preprocess.size = shorter_side or spec.preprocess.size
