@@ -82,6 +82,9 @@ class TrainConfig:
     # The box term: "smooth-l1" on deltas or "giou" on decoded boxes, and its weight against objectness.
     box_loss: str = "smooth-l1"
     box_loss_weight: float = 1.0
+    # None: no clipping; a number: each step's gradient is scaled down to at most this L2 norm over all
+    # trained weights (torch's clip_grad_norm_), which keeps one outlier batch from blowing up the run.
+    clip_gradient_norm: float | None = None
     # "bfloat16": the network's forward pass under autocast (losses and weights stay float32); 1.55x
     # faster on a CPU with bfloat16 units (benchmarks/benchmark_train.py), untried on a GPU.
     precision: str = "float32"
@@ -102,6 +105,8 @@ class TrainConfig:
             raise UsageError(f"--box-loss {self.box_loss}: choose {' or '.join(BOX_LOSSES)}")
         if self.precision not in TRAINING_PRECISIONS:
             raise UsageError(f"--precision {self.precision}: choose {' or '.join(TRAINING_PRECISIONS)}")
+        if self.clip_gradient_norm is not None and not self.clip_gradient_norm > 0:
+            raise UsageError(f"--clip-gradient-norm {self.clip_gradient_norm}: expected a number above 0")
 
 
 @dataclass
@@ -444,10 +449,13 @@ def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: tor
 
 def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets: TargetSettings,
                  device: torch.device, generator: torch.Generator, report: Reporter) -> dict[str, float]:
-    """The steps of one epoch, one a batch of loaded samples; returns the mean losses."""
+    """The steps of one epoch, one a batch of loaded samples; returns the mean losses and gradient norm."""
     config, spec, model = run.config, run.spec, run.model
     size_divisible = spec.preprocess.size_divisible
-    sums = {"objectness": 0.0, "box": 0.0}
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    max_norm = config.clip_gradient_norm if config.clip_gradient_norm is not None else math.inf
+    # Mean losses, and the mean gradient norm before clipping (what --clip-gradient-norm is chosen from).
+    sums = {"objectness": 0.0, "box": 0.0, "gradient_norm": 0.0}
     for step, loaded in enumerate(loaded_batches):
         tensors, boxes, ignores, confidences, sizes = [], [], [], [], []
         for sample in loaded:
@@ -477,6 +485,7 @@ def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets:
             raise TrainingError(f"epoch {epoch + 1}, step {step + 1}: the loss is {total.item()} (training diverged)")
         run.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        losses["gradient_norm"] = torch.nn.utils.clip_grad_norm_(trained, max_norm)
         run.optimizer.step()
         for key in sums:
             sums[key] += losses[key].item()

@@ -307,11 +307,39 @@ def test_bfloat16_training_runs_the_forward_pass_in_bfloat16_and_keeps_float32_w
     assert torch.nn.functional.cosine_similarity(single, half, dim=0) > 0.95
 
 
+def test_gradient_clipping_bounds_the_first_step_by_the_learning_rate_times_the_norm(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = _synthetic_dataset(tmp_path / "data")
+    start = _small_checkpoint(tmp_path)
+    before = load_file(start)
+    moved, norms = {}, {}
+    for clip in (None, 1e-3):
+        # 3 training photos in one batch: one step, at the full learning rate (warm-up of 1 step), and
+        # no weight decay, so the step is -lr x the (clipped) gradient: momentum starts from zero.
+        config = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / str(clip)), epochs=1,
+                             batch_size=3, validation_count=1, train_sizes=[128], warmup_steps=1, weight_decay=0.0,
+                             init_checkpoint=str(start), learning_rate=0.05, clip_gradient_norm=clip)
+        events = []
+        train(config, _small_spec(), torch.device("cpu"), events.append)
+        after = load_file(tmp_path / str(clip) / "final.safetensors")
+        moved[clip] = torch.cat([(after[key] - before[key]).flatten() for key in before
+                                 if before[key].is_floating_point()]).norm().item()
+        [step] = [event for event in events if event.kind == "step"]
+        norms[clip] = step.losses["gradient_norm"]
+    assert norms[None] == pytest.approx(norms[1e-3])  # the norm is measured before clipping ...
+    assert norms[None] > 1e-3
+    assert moved[None] == pytest.approx(0.05 * norms[None], rel=1e-4)  # ... and is the step's, unclipped
+    assert moved[1e-3] == pytest.approx(0.05 * 1e-3, rel=1e-4)
+
+
 def test_a_run_with_an_unknown_box_loss_or_precision_is_refused_before_anything_is_written(tmp_path):
     from rpn_cli.errors import UsageError
 
     for options, message in (({"box_loss": "iou"}, "--box-loss iou: choose smooth-l1 or giou"),
-                             ({"precision": "float16"}, "--precision float16: choose float32 or bfloat16")):
+                             ({"precision": "float16"}, "--precision float16: choose float32 or bfloat16"),
+                             ({"clip_gradient_norm": 0.0}, "--clip-gradient-norm 0.0: expected a number above 0"),
+                             ({"clip_gradient_norm": float("nan")}, "--clip-gradient-norm nan: expected a number")):
         config = TrainConfig(sources=[], work_dir=str(tmp_path / "work"), **options)
         with pytest.raises(UsageError, match=message):
             train(config, _small_spec(), torch.device("cpu"))
@@ -454,6 +482,7 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
                              (["--box-loss", "iou"], "--box-loss iou: choose smooth-l1 or giou"),
                              (["--precision", "float16"], "--precision float16: choose float32 or bfloat16"),
                              (["--box-loss-weight", "-1"], "Invalid value for '--box-loss-weight'"),
+                             (["--clip-gradient-norm", "0"], "--clip-gradient-norm 0.0: expected a number above 0"),
                              (["--init", str(tmp_path / "scratch" / "final.safetensors")], "--init: the checkpoint sets")):
         bad = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"), "--restart", *options])
         assert bad.exit_code == 2 and message in bad.output, bad.output
@@ -499,7 +528,7 @@ def test_a_run_without_a_terminal_logs_progress_lines(tmp_path):
     steps = [line for line in result.output.splitlines() if line.startswith(("epoch 1: ", "epoch 2: "))]
     # Two training photos a step each: the last step of each epoch logs, then the epoch's summary.
     assert [line.split(" objectness")[0] for line in steps] == ["epoch 1: 2/2", "epoch 2: 2/2"], result.output
-    assert all(line.endswith(" min)") and "objectness" in line for line in steps), steps
+    assert all(line.endswith(" min)") and "objectness" in line and " gradient_norm " in line for line in steps), steps
     assert "epoch 2/2 losses" in result.output
     quiet = CliRunner().invoke(app, ["train", str(folder / "instances.json"), "--work-dir", str(tmp_path / "quiet"),
                                      "--epochs", "1", "--batch-size", "1", "--validation", "1",
