@@ -433,7 +433,7 @@ def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
 
 def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: torch.device,
                      report: Reporter) -> dict[str, float]:
-    """One pass over the training images in a seeded order; returns the mean losses."""
+    """One pass over the training images in a seeded order; returns the mean losses and gradient norm."""
     config, spec, model = run.config, run.spec, run.model
     model.train()
     if not run.from_scratch:
@@ -485,7 +485,13 @@ def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets:
             raise TrainingError(f"epoch {epoch + 1}, step {step + 1}: the loss is {total.item()} (training diverged)")
         run.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        losses["gradient_norm"] = torch.nn.utils.clip_grad_norm_(trained, max_norm)
+        norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in trained if parameter.grad is not None])
+        if not torch.isfinite(norm):
+            raise TrainingError(f"epoch {epoch + 1}, step {step + 1}: the gradient norm is {norm.item()} "
+                                "(training diverged)")
+        if norm > max_norm:
+            torch.nn.utils.clip_grads_with_norm_(trained, max_norm, norm)
+        losses["gradient_norm"] = norm
         run.optimizer.step()
         for key in sums:
             sums[key] += losses[key].item()

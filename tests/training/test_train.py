@@ -310,6 +310,8 @@ def test_bfloat16_training_runs_the_forward_pass_in_bfloat16_and_keeps_float32_w
 def test_gradient_clipping_bounds_the_first_step_by_the_learning_rate_times_the_norm(tmp_path):
     from safetensors.torch import load_file
 
+    from rpn_cli.io.checkpoint import read_spec
+
     folder = _synthetic_dataset(tmp_path / "data")
     start = _small_checkpoint(tmp_path)
     before = load_file(start)
@@ -327,10 +329,32 @@ def test_gradient_clipping_bounds_the_first_step_by_the_learning_rate_times_the_
                                  if before[key].is_floating_point()]).norm().item()
         [step] = [event for event in events if event.kind == "step"]
         norms[clip] = step.losses["gradient_norm"]
+        [epoch] = read_spec(tmp_path / str(clip) / "final.safetensors").provenance["history"]
+        assert epoch["losses"]["gradient_norm"] == pytest.approx(norms[clip], rel=1e-4)  # rounded to 5 digits
     assert norms[None] == pytest.approx(norms[1e-3])  # the norm is measured before clipping ...
     assert norms[None] > 1e-3
     assert moved[None] == pytest.approx(0.05 * norms[None], rel=1e-4)  # ... and is the step's, unclipped
     assert moved[1e-3] == pytest.approx(0.05 * 1e-3, rel=1e-4)
+
+
+def test_a_non_finite_gradient_behind_a_finite_loss_stops_the_run_before_the_step(tmp_path, monkeypatch):
+    import rpn_cli.training.loop as loop
+    from rpn_cli.errors import TrainingError
+
+    def losses_with_a_nan_gradient(levels, *args, **kwargs):
+        losses = rpn_losses(levels, *args, **kwargs)
+        logit = levels[0].logits.flatten()[0]
+        # sqrt(|0|) adds 0 to the loss and NaN (0 x inf) to the gradient.
+        losses["box"] = losses["box"] + (logit - logit.detach()).abs().sqrt()
+        return losses
+
+    monkeypatch.setattr(loop, "rpn_losses", losses_with_a_nan_gradient)
+    folder = _synthetic_dataset(tmp_path / "data")
+    config = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "work"), epochs=1,
+                         batch_size=3, validation_count=1, train_sizes=[128], warmup_steps=1)
+    with pytest.raises(TrainingError, match="epoch 1, step 1: the gradient norm is nan"):
+        train(config, _small_spec(), torch.device("cpu"))
+    assert not (tmp_path / "work" / "last.pt").exists() and not (tmp_path / "work" / "final.safetensors").exists()
 
 
 def test_a_run_with_an_unknown_box_loss_or_precision_is_refused_before_anything_is_written(tmp_path):
