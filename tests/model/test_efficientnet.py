@@ -188,3 +188,51 @@ def test_lite0_imagenet_weights_classify_the_sample_photos():
     assert total >= 490
     # 0.906 measured here (451 of 498); symmetric instead of SAME padding gives 0.841 (419).
     assert correct / total >= 0.89, (correct, total)
+
+
+def _pyramid_inputs(backbone, image: torch.Tensor) -> list[torch.Tensor]:
+    """What the backbone's feature pyramid is handed for ``image`` (1, 3, H, W)."""
+    seen = []
+    handle = backbone.fpn.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        backbone(image)
+    handle.remove()
+    return seen[0]
+
+
+def test_the_lite0_pyramid_sees_its_stage_outputs_at_a_tenth_mobilenet_v2s_unscaled():
+    image = torch.randn(1, 3, 128, 192, generator=torch.Generator().manual_seed(3))
+    for name, scale in (("efficientnet_lite0_fpn", 0.1), ("mobilenet_v2_fpn", 1.0)):
+        torch.manual_seed(0)
+        backbone = build_backbone(BackboneSpec(name, fpn_channels=32)).eval()
+        with torch.no_grad():
+            x, stage_outputs = image, []
+            for stage in backbone.stages:
+                x = stage(x)
+                stage_outputs.append(x)
+        for fed, stage_output in zip(_pyramid_inputs(backbone, image), stage_outputs):
+            torch.testing.assert_close(fed, stage_output * scale, rtol=0, atol=0)
+
+
+def test_with_imagenet_weights_both_trunks_hand_the_pyramid_features_of_one_scale(coco_dir):
+    """Why Lite0's outputs are scaled: on real photos, unscaled they are about 10x MobileNetV2's, which made
+    the pyramid run away in training at MobileNetV2's learning rate; scaled, within 2x level by level."""
+    from rpn_cli.cli.train import _packaged_imagenet_weights
+    from rpn_cli.model.preprocess import pad_batch, resize_image, to_tensor
+
+    stds = {}
+    for name in ("mobilenet_v2_fpn", "efficientnet_lite0_fpn"):
+        weights = _packaged_imagenet_weights(name)
+        if weights is None:
+            pytest.skip(f"{name}: its ImageNet weight package is not installed")
+        spec = default_mobilenet_spec(backbone=name)
+        backbone = build_backbone(spec.backbone).eval()
+        load_imagenet_weights(backbone, spec.backbone, weights)
+        fed = []
+        for path in sorted((coco_dir / "images").glob("*.jpg"))[:3]:
+            resized = resize_image(Image.open(path).convert("RGB"), spec.preprocess)
+            fed.append(_pyramid_inputs(backbone, pad_batch([to_tensor(resized, spec.preprocess)], 32)))
+        stds[name] = [torch.cat([maps[level].flatten() for maps in fed]).std().item() for level in range(3)]
+    for lite0, mobilenet in zip(stds["efficientnet_lite0_fpn"], stds["mobilenet_v2_fpn"]):
+        assert 0.5 < lite0 / mobilenet < 2, stds
+        assert 5 < lite0 / 0.1 / mobilenet  # unscaled, 10x or so
