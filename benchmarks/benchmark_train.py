@@ -50,8 +50,7 @@ def _subset(data: Path, photos: int, folder: Path) -> Path:
     return path
 
 
-def seconds_a_step(data: Path, size: int, precision: str, work_dir: Path,
-                   checkpoint: Path = DEFAULT_CHECKPOINT) -> float:
+def seconds_a_step(data: Path, size: int, precision: str, work_dir: Path, checkpoint: Path) -> float:
     config = TrainConfig(sources=[str(data)], work_dir=str(work_dir), epochs=1, batch_size=BATCH, validation_count=0,
                          train_sizes=[size], warmup_steps=1, init_checkpoint=str(checkpoint),
                          loader_threads=0, precision=precision)

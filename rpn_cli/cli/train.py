@@ -54,7 +54,7 @@ def train(
     shorter_side: Annotated[Optional[int], typer.Option("--shorter-side", min=32, help="Test-time shorter side written into the checkpoint. Default: 512 (mobilenet_v2_fpn), 600 (resnet50-c4).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from WORK_DIR/last.pt when present.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="float32, or bfloat16: the forward pass under autocast (losses and weights in float32), 1.55x faster measured on a CPU with bfloat16 units (AMX, AVX-512 BF16; benchmarks/benchmark_train.py), slower on one without; untried on a GPU.")] = "float32",
+    precision: Annotated[str, typer.Option("--precision", help="float32, or bfloat16: the forward pass under autocast (losses and weights in float32), for MobileNetV2 1.4-1.55x faster measured on a CPU with bfloat16 units (AMX, AVX-512 BF16; benchmarks/benchmark_train.py), for EfficientNet-Lite0 0.89x as fast there, slower on one without; untried on a GPU.")] = "float32",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train an RPN (default: MobileNetV2 + FPN) and write our checkpoint format."""
