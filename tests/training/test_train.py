@@ -363,11 +363,47 @@ def test_a_run_with_an_unknown_box_loss_or_precision_is_refused_before_anything_
     for options, message in (({"box_loss": "iou"}, "--box-loss iou: choose smooth-l1 or giou"),
                              ({"precision": "float16"}, "--precision float16: choose float32 or bfloat16"),
                              ({"clip_gradient_norm": 0.0}, "--clip-gradient-norm 0.0: expected a number above 0"),
-                             ({"clip_gradient_norm": float("nan")}, "--clip-gradient-norm nan: expected a number")):
+                             ({"clip_gradient_norm": float("nan")}, "--clip-gradient-norm nan: expected a number"),
+                             ({"ema_decay": 1.0}, "--ema-decay 1.0: expected a number between 0 and 1"),
+                             ({"ema_decay": 0.0}, "--ema-decay 0.0: expected a number between 0 and 1")):
         config = TrainConfig(sources=[], work_dir=str(tmp_path / "work"), **options)
         with pytest.raises(UsageError, match=message):
             train(config, _small_spec(), torch.device("cpu"))
     assert not (tmp_path / "work").exists()
+
+def test_the_moving_average_of_the_weights_is_what_the_run_writes_and_survives_a_resume(tmp_path):
+    from safetensors.torch import load_file
+
+    from rpn_cli.errors import CheckpointError
+    from rpn_cli.io.checkpoint import read_spec
+
+    folder = _synthetic_dataset(tmp_path / "data")
+    start = _small_checkpoint(tmp_path)
+    decay = 0.6
+
+    def config(work, epochs, ema_decay=decay):
+        # 3 training photos in one batch: one step an epoch, so last.pt holds each step's weights.
+        return TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / work), epochs=epochs,
+                           batch_size=3, validation_count=1, train_sizes=[128], warmup_steps=1,
+                           init_checkpoint=str(start), learning_rate=0.05, ema_decay=ema_decay)
+
+    steps, report = [], {}
+    for epochs in (1, 2, 3):  # one run, resumed after each epoch (the average travels in last.pt)
+        report = train(config("work", epochs), _small_spec(), torch.device("cpu"))
+        steps.append(torch.load(tmp_path / "work" / "last.pt", weights_only=True)["model"])
+    written = load_file(tmp_path / "work" / "final.safetensors")
+    weights = [decay ** 2, decay, 1.0]  # the oracle: the unbiased EMA written out
+    for key in ("head.conv1.weight", "head.score.bias", "head.loc.weight", "backbone.fpn.layer_blocks.0.0.weight"):
+        expected = sum(w * step[key] for w, step in zip(weights, steps)) / sum(weights)
+        torch.testing.assert_close(written[key], expected, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(written[key], steps[-1][key])  # not the last step's
+    history = read_spec(tmp_path / "work" / "final.safetensors").provenance["history"]
+    assert history[-1]["validation"] == report and "AR@100" in history[-1]["validation_last_step"]
+    for other, message in ((None, "saved by a run with --ema-decay 0.6, and this one is without --ema-decay"),
+                           (0.9, "saved by a run with --ema-decay 0.6, and this one is with --ema-decay 0.9")):
+        with pytest.raises(CheckpointError, match=message):
+            train(config("work", 4, other), _small_spec(), torch.device("cpu"))
+
 
 def test_a_run_from_init_records_what_it_started_from(tmp_path):
     folder = _synthetic_dataset(tmp_path / "data")
@@ -507,6 +543,8 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
                              (["--precision", "float16"], "--precision float16: choose float32 or bfloat16"),
                              (["--box-loss-weight", "-1"], "Invalid value for '--box-loss-weight'"),
                              (["--clip-gradient-norm", "0"], "--clip-gradient-norm 0.0: expected a number above 0"),
+                             (["--ema-decay", "1"], "--ema-decay 1.0: expected a number between 0 and 1"),
+                             (["--ema-decay", "abc"], "Invalid value for '--ema-decay'"),
                              (["--init", str(tmp_path / "scratch" / "final.safetensors")], "--init: the checkpoint sets")):
         bad = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"), "--restart", *options])
         assert bad.exit_code == 2 and message in bad.output, bad.output
