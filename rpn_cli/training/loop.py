@@ -51,6 +51,20 @@ from .teacher import (
 
 TRAINING_PRECISIONS = ("float32", "bfloat16")
 
+# How the command line names the settings a resumed run is compared on (library-only ones by field name).
+_OPTION_NAMES = {
+    "sources": "DATA", "partial_sources": "--partial", "validation_sets": "--validation-set",
+    "validation_count": "--validation", "batch_size": "--batch-size", "learning_rate": "--lr",
+    "train_sizes": "--train-sizes", "backbone_weights": "--backbone-weights", "init_checkpoint": "--init",
+    "teacher_threshold": "--teacher-threshold", "teacher_ignore_threshold": "--teacher-ignore-threshold",
+    "soft_targets": "--soft-targets", "box_loss": "--box-loss", "box_loss_weight": "--box-loss-weight",
+    "clip_gradient_norm": "--clip-gradient-norm", "precision": "--precision", "allowed_border": "--allowed-border",
+    "epochs": "--epochs", "seed": "--seed", "teacher": "--teacher",
+}
+# Not compared: where the run lives and how it was typed, loading threads (they change nothing in the
+# result), and what _resume checks itself (the setup, the moving average).
+_NOT_COMPARED = ("work_dir", "command", "loader_threads", "ema_decay", "freeze_blocks")
+
 
 @dataclass
 class TrainConfig:
@@ -275,6 +289,23 @@ def _validate(model: RegionProposalNetwork, images: Sequence[AnnotatedImage], re
     return evaluate_model(model.eval(), images, report) if images else {}
 
 
+def _settings(config: TrainConfig) -> dict:
+    """What a resumed run's settings are compared on (``last.pt`` stores them)."""
+    return {key: value for key, value in config.to_dict().items() if key not in _NOT_COMPARED}
+
+
+def _changed_settings(saved: dict, now: dict) -> list[str]:
+    """``--lr 0.01 (saved: 0.005)`` for each setting that differs from the saved run's."""
+    return [f"{_OPTION_NAMES.get(key, key)} {_shown(now.get(key))} (saved: {_shown(saved.get(key))})"
+            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value) or "none"
+    return "none" if value is None else str(value)
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -373,7 +404,7 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         record["seconds"] = round(time.time() - started, 1)
         run.history.append(record)
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
-                 "history": json.dumps(run.history), "setup": run.setup}
+                 "history": json.dumps(run.history), "setup": run.setup, "settings": json.dumps(_settings(config))}
         if run.average is not None:
             state["average"] = run.average.state_dict()
             state["ema_decay"] = config.ema_decay
@@ -451,20 +482,30 @@ def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
                               "use --restart to start over or another --work-dir")
     saved_decay = state.get("ema_decay")
     if saved_decay != run.config.ema_decay:
-        def named(decay):
-            return "without --ema-decay" if decay is None else f"with --ema-decay {decay}"
-        raise CheckpointError(f"{state_file}: saved by a run {named(saved_decay)}, and this one is "
-                              f"{named(run.config.ema_decay)}; use --restart to start over or another --work-dir")
+        raise CheckpointError(f"{state_file}: saved by a run {_with_ema(saved_decay)}, and this one is "
+                              f"{_with_ema(run.config.ema_decay)}; use --restart to start over or another --work-dir")
     try:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         if run.average is not None:
             run.average.load_state_dict(state["average"])
         run.history = json.loads(state["history"])[: int(state["epoch"])]
+        saved_settings = json.loads(state.get("settings", "null"))  # None: saved before settings were kept
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{state_file}: not a training state of this run ({_first_line(error)}); "
                               "use --restart to start over or another --work-dir") from error
     report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {len(run.history)}"))
+    # A run may be resumed on purpose with other settings (more or fewer epochs, a lower --lr): say so.
+    if isinstance(saved_settings, dict):
+        # Through JSON, as saved, so that a tuple and a list of the same sizes compare equal.
+        changed = _changed_settings(saved_settings, json.loads(json.dumps(_settings(run.config))))
+        if changed:
+            report(TrainEvent("warning", message="resumed with settings that differ from the saved run's: "
+                                                 + ", ".join(changed)))
+
+
+def _with_ema(decay: float | None) -> str:
+    return "without --ema-decay" if decay is None else f"with --ema-decay {decay}"
 
 
 def _train_one_epoch(run: _Run, epoch: int, targets: TargetSettings, device: torch.device,

@@ -278,8 +278,17 @@ def test_train_writes_a_checkpoint_and_resumes(tmp_path):
     assert state["epoch"] == 1
     config.epochs = 2
     report = train(config, _small_spec(), torch.device("cpu"), events.append)
-    assert any(e.kind == "warning" and "resumed" in e.message for e in events)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert warnings[-2:] == [f"resumed from {work / 'last.pt'} after epoch 1",
+                             "resumed with settings that differ from the saved run's: --epochs 2 (saved: 1)"]
     assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
+    config.learning_rate, config.train_sizes, config.loader_threads = 0.01, [128, 160], 1
+    train(config, _small_spec(), torch.device("cpu"), events.append)
+    assert events[-1].message == ("resumed with settings that differ from the saved run's: "
+                                  "--lr 0.01 (saved: 0.02), --train-sizes 128,160 (saved: 128)")
+    config.learning_rate, config.train_sizes = 0.02, [128]  # as saved: no such line (loading threads change nothing)
+    train(config, _small_spec(), torch.device("cpu"), events.append)
+    assert events[-1].message == f"resumed from {work / 'last.pt'} after epoch 2"
     from rpn_cli.io.checkpoint import read_spec
 
     provenance = read_spec(work / "final.safetensors").provenance
