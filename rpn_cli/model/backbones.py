@@ -130,7 +130,8 @@ def _build_mobilenet_v2_fpn(description: BackboneSpec) -> nn.Module:
     features = mobilenet_v2_features()
     stages = nn.ModuleList(features[a:b] for a, b in zip(_MOBILENET_V2_STAGE_STARTS, _MOBILENET_V2_STAGE_ENDS))
     return PyramidBackbone(
-        stages, list(_MOBILENET_V2_STAGE_CHANNELS), [8, 16, 32], description.fpn_channels or 128
+        stages, list(_MOBILENET_V2_STAGE_CHANNELS), [8, 16, 32], description.fpn_channels or 128,
+        feature_scale=_feature_scale(description),
     )
 
 
@@ -142,8 +143,13 @@ _EFFICIENTNET_LITE0_STAGE_CHANNELS = (40, 112, 320)
 # 0.52 / 0.21 on COCO photos, ImageNet weights). The pyramid's lateral convs learn as fast as the square
 # of their input's scale, so unscaled they ran away at the learning rate MobileNetV2 trains at (the
 # stride-8 level's logits reached a standard deviation of 65 in one epoch, AR 0): scaled, both trunks
-# hand the pyramid features of one size.
+# hand the pyramid features of one size. New Lite0 models record it (BackboneSpec.feature_scale).
 EFFICIENTNET_LITE0_FEATURE_SCALE = 0.1
+
+
+def _feature_scale(description: BackboneSpec) -> float:
+    # A description without one (every MobileNetV2 file, Lite0 files from before the scale) means 1.
+    return 1.0 if description.feature_scale is None else float(description.feature_scale)
 
 
 @register_backbone("efficientnet_lite0_fpn")
@@ -153,7 +159,7 @@ def _build_efficientnet_lite0_fpn(description: BackboneSpec) -> nn.Module:
                                                          EFFICIENTNET_LITE0_STAGE_ENDS))
     return PyramidBackbone(
         stages, list(_EFFICIENTNET_LITE0_STAGE_CHANNELS), [8, 16, 32], description.fpn_channels or 128,
-        feature_scale=EFFICIENTNET_LITE0_FEATURE_SCALE,
+        feature_scale=_feature_scale(description),
     )
 
 

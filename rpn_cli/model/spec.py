@@ -30,6 +30,9 @@ class BackboneSpec:
 
     name: str
     fpn_channels: int | None = None  # *_fpn trunks: channels of the feature pyramid (None: 128)
+    # *_fpn trunks: the factor on the stage outputs the pyramid takes in (None: 1). Recorded in the file, so
+    # that a checkpoint always runs the network it was trained as.
+    feature_scale: float | None = None
     arch: str | None = None  # torchvision-fpn: the torchvision detector whose trunk it is
 
 
@@ -153,6 +156,9 @@ def _description_problem(data: dict) -> str | None:
             return f"{name} must be an object"
     if not isinstance(data["backbone"].get("name"), str):
         return "backbone needs a name"
+    scale = data["backbone"].get("feature_scale", 1.0)
+    if not (_is_number(scale) and scale > 0):
+        return f"backbone.feature_scale must be a number above 0, got {scale!r}"
     levels = data["levels"]
     if not isinstance(levels, list) or not levels:
         return "levels must be a non-empty list"
@@ -220,15 +226,18 @@ def default_mobilenet_spec(
     for stride, sizes in zip((8, 16, 32), sizes_per_level):
         scales = [size / stride for size in sizes]
         levels.append(LevelSpec(stride, anchor_shapes(stride, ratios, scales).tolist(), list(ratios), scales))
+    feature_scale = None
     if backbone == "efficientnet_lite0_fpn":
+        from .backbones import EFFICIENTNET_LITE0_FEATURE_SCALE
         from .efficientnet import LITE_MEAN, LITE_STD
 
         preprocess = PreprocessSpec(size=shorter_side, max_size=max_size, scale=1.0, mean=list(LITE_MEAN),
                                     std=list(LITE_STD), size_divisible=32)
+        feature_scale = EFFICIENTNET_LITE0_FEATURE_SCALE
     else:
         preprocess = imagenet_preprocess(shorter_side, max_size)
     return ModelSpec(
-        backbone=BackboneSpec(backbone, fpn_channels=fpn_channels),
+        backbone=BackboneSpec(backbone, fpn_channels=fpn_channels, feature_scale=feature_scale),
         levels=levels,
         head=HeadSpec(mid_channels),
         score="sigmoid",

@@ -74,6 +74,7 @@ def hostile(tmp_path_factory, small_checkpoint):
         "levels-string": lambda d: d.update(levels="many"),
         "size-negative": lambda d: d["preprocess"].update(size=-512),
         "size-absurd": lambda d: d["preprocess"].update(size=100000),
+        "feature-scale-negative": lambda d: d["backbone"].update(feature_scale=-0.1),
     }
     for name, change in variants.items():
         _description_variant(small_checkpoint, folder / f"{name}.safetensors", change)
@@ -113,7 +114,8 @@ CASES = [
     *[(f"checkpoint: {name}", ["propose", "{d}/photo.jpg", "-c", f"{{d}}/{name}.safetensors"], 3, message)
       for name, message in (("levels-string", "levels must be a non-empty list"),
                             ("size-negative", "preprocess.size must be a number of pixels from 16 to 8192"),
-                            ("size-absurd", "preprocess.size must be a number of pixels from 16 to 8192"))],
+                            ("size-absurd", "preprocess.size must be a number of pixels from 16 to 8192"),
+                            ("feature-scale-negative", "backbone.feature_scale must be a number above 0, got -0.1"))],
     ("convert: random bytes", ["convert", "{d}/work-random/last.pt", "{d}/never.safetensors"], 3,
      "not a readable PyTorch state dict"),
     ("anchors: stride 0", ["anchors", "--stride", "0"], 2, "Invalid value for '--stride'"),

@@ -19,6 +19,7 @@ from rpn_cli.model.efficientnet import (
     efficientnet_lite0_features,
     efficientnet_pytorch_key_map,
 )
+from rpn_cli.model.network import RegionProposalNetwork
 from rpn_cli.model.spec import BackboneSpec, default_mobilenet_spec
 
 IMAGENET_SAMPLES = SHARED / "data" / "imagenet-samples" / "images"
@@ -200,10 +201,19 @@ def _pyramid_inputs(backbone, image: torch.Tensor) -> list[torch.Tensor]:
     return seen[0]
 
 
-def test_the_lite0_pyramid_sees_its_stage_outputs_scaled_by_a_tenth_and_mobilenet_v2s_unscaled():
+def test_the_lite0_pyramid_sees_its_stage_outputs_scaled_by_a_tenth_and_mobilenet_v2s_unscaled(tmp_path):
+    from rpn_cli.io.checkpoint import load_checkpoint, save_checkpoint
+
     image = torch.randn(1, 3, 128, 192, generator=torch.Generator().manual_seed(3))
-    for name, scale in (("efficientnet_lite0_fpn", 0.1), ("mobilenet_v2_fpn", 1.0)):
-        backbone = build_backbone(BackboneSpec(name, fpn_channels=32)).eval()
+    lite0 = default_mobilenet_spec(backbone="efficientnet_lite0_fpn", fpn_channels=32, mid_channels=32)
+    assert lite0.backbone.feature_scale == 0.1
+    assert "feature_scale" not in default_mobilenet_spec().to_dict()["backbone"]  # MobileNetV2's files unchanged
+    save_checkpoint(RegionProposalNetwork(lite0), tmp_path / "lite0.safetensors")
+    reloaded = load_checkpoint(tmp_path / "lite0.safetensors", "cpu").backbone
+    # The scale travels in the file; a Lite0 description without it (written before it) runs unscaled.
+    for backbone, scale in ((reloaded, 0.1), (build_backbone(BackboneSpec("efficientnet_lite0_fpn", 32)), 1.0),
+                            (build_backbone(BackboneSpec("mobilenet_v2_fpn", 32)), 1.0)):
+        backbone.eval()
         with torch.no_grad():
             x, stage_outputs = image, []
             for stage in backbone.stages:
