@@ -147,9 +147,17 @@ _EFFICIENTNET_LITE0_STAGE_CHANNELS = (40, 112, 320)
 EFFICIENTNET_LITE0_FEATURE_SCALE = 0.1
 
 
+def default_feature_scale(name: str) -> float:
+    """The factor a pyramid trunk's stage outputs take when its description names none: Lite0 files
+    written before the scale was recorded were trained with it (those from before the scale existed
+    diverged and were never kept); MobileNetV2's is 1."""
+    return EFFICIENTNET_LITE0_FEATURE_SCALE if name == "efficientnet_lite0_fpn" else 1.0
+
+
 def _feature_scale(description: BackboneSpec) -> float:
-    # A description without one (every MobileNetV2 file, Lite0 files from before the scale) means 1.
-    return 1.0 if description.feature_scale is None else float(description.feature_scale)
+    if description.feature_scale is None:
+        return default_feature_scale(description.name)
+    return float(description.feature_scale)
 
 
 @register_backbone("efficientnet_lite0_fpn")

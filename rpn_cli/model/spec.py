@@ -30,8 +30,9 @@ class BackboneSpec:
 
     name: str
     fpn_channels: int | None = None  # *_fpn trunks: channels of the feature pyramid (None: 128)
-    # *_fpn trunks: the factor on the stage outputs the pyramid takes in (None: 1). Recorded in the file, so
-    # that a checkpoint always runs the network it was trained as.
+    # *_fpn trunks: the factor on the stage outputs the pyramid takes in (None: the trunk's default,
+    # backbones.default_feature_scale). Recorded in new files, so that a change of default cannot change
+    # what a checkpoint computes.
     feature_scale: float | None = None
     arch: str | None = None  # torchvision-fpn: the torchvision detector whose trunk it is
 
@@ -156,8 +157,8 @@ def _description_problem(data: dict) -> str | None:
             return f"{name} must be an object"
     if not isinstance(data["backbone"].get("name"), str):
         return "backbone needs a name"
-    scale = data["backbone"].get("feature_scale", 1.0)
-    if not (_is_number(scale) and scale > 0):
+    scale = data["backbone"].get("feature_scale")
+    if scale is not None and not (_is_number(scale) and scale > 0):
         return f"backbone.feature_scale must be a number above 0, got {scale!r}"
     levels = data["levels"]
     if not isinstance(levels, list) or not levels:

@@ -37,6 +37,7 @@ from ..io.datasets import (
 )
 from ..io.files import atomic_write_bytes
 from ..io.images import load_image
+from ..model.backbones import default_feature_scale
 from ..model.network import RegionProposalNetwork
 from ..model.preprocess import pad_batch, resize_image, to_tensor
 from ..model.spec import ModelSpec
@@ -59,7 +60,7 @@ _OPTION_NAMES = {
     "teacher_threshold": "--teacher-threshold", "teacher_ignore_threshold": "--teacher-ignore-threshold",
     "soft_targets": "--soft-targets", "box_loss": "--box-loss", "box_loss_weight": "--box-loss-weight",
     "clip_gradient_norm": "--clip-gradient-norm", "precision": "--precision", "allowed_border": "--allowed-border",
-    "epochs": "--epochs", "seed": "--seed", "teacher": "--teacher",
+    "epochs": "--epochs", "seed": "--seed", "teacher": "--teacher", "shorter_side": "--shorter-side",
 }
 # Not compared: where the run lives and how it was typed, loading threads (they change nothing in the
 # result), and what _resume checks itself (the setup, the moving average).
@@ -289,15 +290,17 @@ def _validate(model: RegionProposalNetwork, images: Sequence[AnnotatedImage], re
     return evaluate_model(model.eval(), images, report) if images else {}
 
 
-def _settings(config: TrainConfig) -> dict:
-    """What a resumed run's settings are compared on (``last.pt`` stores them)."""
-    return {key: value for key, value in config.to_dict().items() if key not in _NOT_COMPARED}
+def _settings(run: _Run) -> dict:
+    """What a resumed run's settings are compared on (``last.pt`` stores them), as JSON has them."""
+    settings = {key: value for key, value in run.config.to_dict().items() if key not in _NOT_COMPARED}
+    return json.loads(json.dumps({**settings, "shorter_side": run.spec.preprocess.size}))
 
 
 def _changed_settings(saved: dict, now: dict) -> list[str]:
-    """``--lr 0.01 (saved: 0.005)`` for each setting that differs from the saved run's."""
-    return [f"{_OPTION_NAMES.get(key, key)} {_shown(now.get(key))} (saved: {_shown(saved.get(key))})"
-            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    """``--lr 0.01 (saved: 0.005)`` for each setting that differs from the saved run's (settings one of
+    the two versions of rpn lacks are not compared)."""
+    return [f"{_OPTION_NAMES.get(key, key)} {_shown(now[key])} (saved: {_shown(saved[key])})"
+            for key in sorted(set(saved) & set(now)) if saved[key] != now[key]]
 
 
 def _shown(value) -> str:
@@ -367,7 +370,12 @@ class _Run:
     def setup(self) -> str:
         """What a saved run must agree on to be continued: the model, and which of its weights train."""
         description = self.spec.to_dict()
-        return json.dumps({"backbone": description["backbone"], "levels": description["levels"],
+        backbone = description["backbone"]
+        # The trunk's default scale written out or left implicit is the same network (last.pt files from
+        # before the scale was recorded leave it out).
+        if backbone.get("feature_scale") == default_feature_scale(backbone["name"]):
+            del backbone["feature_scale"]
+        return json.dumps({"backbone": backbone, "levels": description["levels"],
                            "from_scratch": self.from_scratch, "fixed_blocks": self.fixed_blocks}, sort_keys=True)
 
 
@@ -391,27 +399,30 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         try:
             losses = _train_one_epoch(run, epoch, targets, device, report)
             # A finite loss can still give a non-finite update (the epoch's last step, say): never save that.
-            if not all(bool(torch.isfinite(parameter).all()) for parameter in run.kept_model.parameters()):
+            saved_models = [run.model] if run.average is None else [run.model, run.average.module]
+            if not all(bool(torch.isfinite(parameter).all())
+                       for model in saved_models for parameter in model.parameters()):
                 raise TrainingError(f"epoch {epoch + 1}: the weights are no longer finite numbers (training diverged)")
         except TrainingError as error:
             advice = (f"{state_file.name} holds epoch {len(run.history)}, the last finished one: resume from it or "
                       "restart with a lower --lr" if state_file.exists() else "no epoch finished: restart with a lower --lr")
             raise TrainingError(f"{error}; {advice}") from None
-        record = {"epoch": epoch + 1, "seconds": 0.0, "losses": losses,
-                  "validation": _validate(run.kept_model, run.validation, report)}
-        if run.average is not None:
-            record["validation_last_step"] = _validate(run.model, run.validation, report)
-        record["seconds"] = round(time.time() - started, 1)
+        figures = _validate(run.kept_model, run.validation, report)
+        last_step = _validate(run.model, run.validation, report) if run.average is not None else None
+        # "seconds": the whole epoch, its validations included.
+        record = {"epoch": epoch + 1, "seconds": round(time.time() - started, 1), "losses": losses,
+                  "validation": figures}
+        if last_step is not None:
+            record["validation_last_step"] = last_step
         run.history.append(record)
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
-                 "history": json.dumps(run.history), "setup": run.setup, "settings": json.dumps(_settings(config))}
+                 "history": json.dumps(run.history), "setup": run.setup, "settings": json.dumps(_settings(run))}
         if run.average is not None:
             state["average"] = run.average.state_dict()
             state["ema_decay"] = config.ema_decay
         atomic_write_bytes(state_file, lambda tmp: torch.save(state, tmp))
         report(TrainEvent("epoch", done=epoch + 1, total=config.epochs, epoch=epoch + 1, losses=losses,
-                          message=json.dumps(record["validation"])
-                          + (f" last step {json.dumps(record['validation_last_step'])}" if run.average else "")))
+                          message=json.dumps(figures) + (f" last step {json.dumps(last_step)}" if last_step else "")))
     return _finish(run, work_dir)
 
 
@@ -477,10 +488,13 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
 def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
     """Continue from ``last.pt``: weights, optimizer and history, when it was saved by this same setup."""
     state = _read_training_state(state_file)
-    if state.get("setup", run.setup) != run.setup:
+    saved_setup, saved_decay = state.get("setup", run.setup), state.get("ema_decay")
+    if not isinstance(saved_setup, str) or not (saved_decay is None or isinstance(saved_decay, float)):
+        raise CheckpointError(f"{state_file}: not a training state written by rpn train (a bad setup or "
+                              "ema_decay); use --restart to start over or another --work-dir")
+    if saved_setup != run.setup:
         raise CheckpointError(f"{state_file}: saved by a run with another backbone, start or --freeze-blocks; "
                               "use --restart to start over or another --work-dir")
-    saved_decay = state.get("ema_decay")
     if saved_decay != run.config.ema_decay:
         raise CheckpointError(f"{state_file}: saved by a run {_with_ema(saved_decay)}, and this one is "
                               f"{_with_ema(run.config.ema_decay)}; use --restart to start over or another --work-dir")
@@ -490,18 +504,29 @@ def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
         if run.average is not None:
             run.average.load_state_dict(state["average"])
         run.history = json.loads(state["history"])[: int(state["epoch"])]
-        saved_settings = json.loads(state.get("settings", "null"))  # None: saved before settings were kept
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{state_file}: not a training state of this run ({_first_line(error)}); "
                               "use --restart to start over or another --work-dir") from error
     report(TrainEvent("warning", message=f"resumed from {state_file} after epoch {len(run.history)}"))
     # A run may be resumed on purpose with other settings (more or fewer epochs, a lower --lr): say so.
-    if isinstance(saved_settings, dict):
-        # Through JSON, as saved, so that a tuple and a list of the same sizes compare equal.
-        changed = _changed_settings(saved_settings, json.loads(json.dumps(_settings(run.config))))
-        if changed:
-            report(TrainEvent("warning", message="resumed with settings that differ from the saved run's: "
-                                                 + ", ".join(changed)))
+    saved_settings = _saved_settings(state)
+    if saved_settings is None:
+        report(TrainEvent("warning", message=f"{state_file} does not record its run's settings (written before "
+                                             "rpn kept them, or damaged): they are not compared with these"))
+        return
+    changed = _changed_settings(saved_settings, _settings(run))
+    if changed:
+        report(TrainEvent("warning", message="resumed with settings that differ from the saved run's: "
+                                             + ", ".join(changed)))
+
+
+def _saved_settings(state: dict) -> dict | None:
+    """The settings ``last.pt`` was saved with, or None where it has none readable."""
+    try:
+        settings = json.loads(state.get("settings", "null"))
+    except (TypeError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def _with_ema(decay: float | None) -> str:

@@ -210,8 +210,10 @@ def test_the_lite0_pyramid_sees_its_stage_outputs_scaled_by_a_tenth_and_mobilene
     assert "feature_scale" not in default_mobilenet_spec().to_dict()["backbone"]  # MobileNetV2's files unchanged
     save_checkpoint(RegionProposalNetwork(lite0), tmp_path / "lite0.safetensors")
     reloaded = load_checkpoint(tmp_path / "lite0.safetensors", "cpu").backbone
-    # The scale travels in the file; a Lite0 description without it (written before it) runs unscaled.
-    for backbone, scale in ((reloaded, 0.1), (build_backbone(BackboneSpec("efficientnet_lite0_fpn", 32)), 1.0),
+    # The scale travels in the file; a description without one (Lite0 files from before it was recorded)
+    # means the trunk's default.
+    for backbone, scale in ((reloaded, 0.1), (build_backbone(BackboneSpec("efficientnet_lite0_fpn", 32)), 0.1),
+                            (build_backbone(BackboneSpec("efficientnet_lite0_fpn", 32, feature_scale=1.0)), 1.0),
                             (build_backbone(BackboneSpec("mobilenet_v2_fpn", 32)), 1.0)):
         backbone.eval()
         with torch.no_grad():

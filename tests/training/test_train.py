@@ -283,12 +283,25 @@ def test_train_writes_a_checkpoint_and_resumes(tmp_path):
                              "resumed with settings that differ from the saved run's: --epochs 2 (saved: 1)"]
     assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
     config.learning_rate, config.train_sizes, config.loader_threads = 0.01, [128, 160], 1
-    train(config, _small_spec(), torch.device("cpu"), events.append)
+    other_side = default_mobilenet_spec(fpn_channels=32, mid_channels=32, shorter_side=96, max_size=160)
+    train(config, other_side, torch.device("cpu"), events.append)
     assert events[-1].message == ("resumed with settings that differ from the saved run's: "
-                                  "--lr 0.01 (saved: 0.02), --train-sizes 128,160 (saved: 128)")
+                                  "--lr 0.01 (saved: 0.02), --shorter-side 96 (saved: 128), "
+                                  "--train-sizes 128,160 (saved: 128)")
     config.learning_rate, config.train_sizes = 0.02, [128]  # as saved: no such line (loading threads change nothing)
     train(config, _small_spec(), torch.device("cpu"), events.append)
     assert events[-1].message == f"resumed from {work / 'last.pt'} after epoch 2"
+    # A last.pt from before settings were kept says so; one with a damaged field is refused in one line.
+    state = torch.load(work / "last.pt", weights_only=True)
+    torch.save({key: value for key, value in state.items() if key != "settings"}, work / "last.pt")
+    train(config, _small_spec(), torch.device("cpu"), events.append)
+    assert events[-1].message == (f"{work / 'last.pt'} does not record its run's settings (written before rpn "
+                                  "kept them, or damaged): they are not compared with these")
+    from rpn_cli.errors import CheckpointError
+
+    torch.save({**state, "ema_decay": torch.zeros(2)}, work / "last.pt")
+    with pytest.raises(CheckpointError, match="last.pt: not a training state written by rpn train .a bad setup"):
+        train(config, _small_spec(), torch.device("cpu"), events.append)
     from rpn_cli.io.checkpoint import read_spec
 
     provenance = read_spec(work / "final.safetensors").provenance
@@ -380,21 +393,23 @@ def test_a_run_with_an_unknown_box_loss_or_precision_is_refused_before_anything_
             train(config, _small_spec(), torch.device("cpu"))
     assert not (tmp_path / "work").exists()
 
-def test_the_moving_average_of_the_weights_is_what_the_run_writes_and_survives_a_resume(tmp_path):
+
+@pytest.mark.parametrize("start", ["init", "scratch"])
+def test_the_moving_average_of_the_weights_is_what_the_run_writes_and_survives_a_resume(tmp_path, start):
     from safetensors.torch import load_file
 
     from rpn_cli.errors import CheckpointError
     from rpn_cli.io.checkpoint import read_spec
 
     folder = _synthetic_dataset(tmp_path / "data")
-    start = _small_checkpoint(tmp_path)
+    init = str(_small_checkpoint(tmp_path)) if start == "init" else None  # from scratch, BatchNorm trains
     decay = 0.6
 
     def config(work, epochs, ema_decay=decay):
         # 3 training photos in one batch: one step an epoch, so last.pt holds each step's weights.
         return TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / work), epochs=epochs,
                            batch_size=3, validation_count=1, train_sizes=[128], warmup_steps=1,
-                           init_checkpoint=str(start), learning_rate=0.05, ema_decay=ema_decay)
+                           init_checkpoint=init, learning_rate=0.05, ema_decay=ema_decay)
 
     steps, report = [], {}
     for epochs in (1, 2, 3):  # one run, resumed after each epoch (the average travels in last.pt)
@@ -402,7 +417,12 @@ def test_the_moving_average_of_the_weights_is_what_the_run_writes_and_survives_a
         steps.append(torch.load(tmp_path / "work" / "last.pt", weights_only=True)["model"])
     written = load_file(tmp_path / "work" / "final.safetensors")
     weights = [decay ** 2, decay, 1.0]  # the oracle: the unbiased EMA written out
-    for key in ("head.conv1.weight", "head.score.bias", "head.loc.weight", "backbone.fpn.layer_blocks.0.0.weight"):
+    averaged = ["head.conv1.weight", "head.score.bias", "head.loc.weight", "backbone.fpn.layer_blocks.0.0.weight"]
+    batchnorm = "backbone.stages.0.4.conv.0.1"
+    if start == "scratch":  # BatchNorm statistics are averaged as well; its step count is the model's
+        averaged.append(f"{batchnorm}.running_mean")
+        assert int(written[f"{batchnorm}.num_batches_tracked"]) == int(steps[-1][f"{batchnorm}.num_batches_tracked"]) == 3
+    for key in averaged:
         expected = sum(w * step[key] for w, step in zip(weights, steps)) / sum(weights)
         torch.testing.assert_close(written[key], expected, rtol=1e-5, atol=1e-7)
         assert not torch.allclose(written[key], steps[-1][key])  # not the last step's
