@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import UsageError
 from .efficientnet import efficientnet_lite0_features
 from .mobilenet import FeaturePyramid, mobilenet_v2_features
-from .spec import BackboneSpec
+from .spec import BackboneSpec, default_feature_scale
 
 BackboneBuilder = Callable[[dict], nn.Module]
 # What torchvision's ImageNet trunks were trained on: (RGB / 255 - mean) / std.
@@ -139,19 +139,6 @@ def _build_mobilenet_v2_fpn(description: BackboneSpec) -> nn.Module:
 EFFICIENTNET_LITE0_STAGE_ENDS = (6, 12, 17)
 EFFICIENTNET_LITE0_STAGE_STARTS = (0,) + EFFICIENTNET_LITE0_STAGE_ENDS[:-1]
 _EFFICIENTNET_LITE0_STAGE_CHANNELS = (40, 112, 320)
-# Lite0's stage outputs are about 10x MobileNetV2's (standard deviations 7.5 / 5.9 / 2.9 against 0.81 /
-# 0.52 / 0.21 on COCO photos, ImageNet weights). The pyramid's lateral convs learn as fast as the square
-# of their input's scale, so unscaled they ran away at the learning rate MobileNetV2 trains at (the
-# stride-8 level's logits reached a standard deviation of 65 in one epoch, AR 0): scaled, both trunks
-# hand the pyramid features of one size. New Lite0 models record it (BackboneSpec.feature_scale).
-EFFICIENTNET_LITE0_FEATURE_SCALE = 0.1
-
-
-def default_feature_scale(name: str) -> float:
-    """The factor a pyramid trunk's stage outputs take when its description names none: Lite0 files
-    written before the scale was recorded were trained with it (those from before the scale existed
-    diverged and were never kept); MobileNetV2's is 1."""
-    return EFFICIENTNET_LITE0_FEATURE_SCALE if name == "efficientnet_lite0_fpn" else 1.0
 
 
 def _feature_scale(description: BackboneSpec) -> float:

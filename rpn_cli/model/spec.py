@@ -31,7 +31,7 @@ class BackboneSpec:
     name: str
     fpn_channels: int | None = None  # *_fpn trunks: channels of the feature pyramid (None: 128)
     # *_fpn trunks: the factor on the stage outputs the pyramid takes in (None: the trunk's default,
-    # backbones.default_feature_scale). Recorded in new files, so that a change of default cannot change
+    # default_feature_scale). Recorded in new files, so that a change of default cannot change
     # what a checkpoint computes.
     feature_scale: float | None = None
     arch: str | None = None  # torchvision-fpn: the torchvision detector whose trunk it is
@@ -205,6 +205,21 @@ def _description_problem(data: dict) -> str | None:
     return None
 
 
+# Lite0's stage outputs are about 10x MobileNetV2's (standard deviations 7.5 / 5.9 / 2.9 against 0.81 /
+# 0.52 / 0.21 on COCO photos, ImageNet weights). The pyramid's lateral convs learn as fast as the square
+# of their input's scale, so unscaled they ran away at the learning rate MobileNetV2 trains at (the
+# stride-8 level's logits reached a standard deviation of 65 in one epoch, AR 0): scaled, both trunks
+# hand the pyramid features of one size. New Lite0 models record it (BackboneSpec.feature_scale).
+EFFICIENTNET_LITE0_FEATURE_SCALE = 0.1
+
+
+def default_feature_scale(name: str) -> float:
+    """The factor a pyramid trunk's stage outputs take when its description names none: Lite0 files
+    written before the scale was recorded were trained with it (those from before the scale existed
+    diverged and were never kept); MobileNetV2's is 1."""
+    return EFFICIENTNET_LITE0_FEATURE_SCALE if name == "efficientnet_lite0_fpn" else 1.0
+
+
 # The trunks under the shipped network's feature pyramid, head and anchors.
 PYRAMID_TRUNKS = ("mobilenet_v2_fpn", "efficientnet_lite0_fpn")
 
@@ -229,7 +244,6 @@ def default_mobilenet_spec(
         levels.append(LevelSpec(stride, anchor_shapes(stride, ratios, scales).tolist(), list(ratios), scales))
     feature_scale = None
     if backbone == "efficientnet_lite0_fpn":
-        from .backbones import EFFICIENTNET_LITE0_FEATURE_SCALE
         from .efficientnet import LITE_MEAN, LITE_STD
 
         preprocess = PreprocessSpec(size=shorter_side, max_size=max_size, scale=1.0, mean=list(LITE_MEAN),

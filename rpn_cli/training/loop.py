@@ -37,10 +37,9 @@ from ..io.datasets import (
 )
 from ..io.files import atomic_write_bytes
 from ..io.images import load_image
-from ..model.backbones import default_feature_scale
 from ..model.network import RegionProposalNetwork
 from ..model.preprocess import pad_batch, resize_image, to_tensor
-from ..model.spec import ModelSpec
+from ..model.spec import ModelSpec, default_feature_scale
 from .averaging import weight_average
 from .targets import BOX_LOSSES, TargetSettings, rpn_losses
 from .teacher import (
