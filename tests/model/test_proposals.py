@@ -103,15 +103,25 @@ def sample_batch(default_checkpoint):
     return run_model(proposer.model, prepared), sizes, proposer.proposal_layer
 
 
+def _ties_in_coordinate_order(boxes, scores):
+    """The boxes sorted by score, those of exactly equal score by their coordinates: which of two tied
+    boxes comes first is arbitrary in both layers."""
+    order = torch.arange(boxes.shape[0])
+    for column in (3, 2, 1, 0):
+        order = order[torch.sort(boxes[order, column], stable=True).indices]
+    order = order[torch.sort(scores[order], descending=True, stable=True).indices]
+    return boxes[order], scores[order]
+
+
 def _one_pass_and_per_image(levels, sizes, layer):
     boxes, scores, counts = layer.for_batch(levels, sizes)
     per_image = [layer(levels, index, int(height), int(width)) for index, (height, width) in enumerate(sizes.tolist())]
     return list(zip(boxes.split(counts), scores.split(counts))), per_image
 
 
-# Above the best score the shipped file gives one sample photo (rocket.jpg, 0.9933) and below the
-# others' (0.998 and more), so that some images of the batch keep no box.
-EMPTYING_MIN_SCORE = 0.995
+# Above the best score the shipped file gives one sample photo (rocket.jpg, 0.9948) and below the
+# others' (0.9976 and more), so that some images of the batch keep no box.
+EMPTYING_MIN_SCORE = 0.996
 
 
 @pytest.mark.parametrize("settings", [
@@ -126,7 +136,8 @@ EMPTYING_MIN_SCORE = 0.995
 @pytest.mark.parametrize("score_kind", ["sigmoid", "softmax"])
 def test_a_batch_in_one_pass_equals_image_by_image(sample_batch, settings, score_kind):
     """The GPU's one-pass proposal layer against the per-image one, each image clipped to its own size:
-    in float32 the same boxes in the same order, up to float rounding."""
+    in float32 the same boxes in the same order, up to float rounding and the order of exactly tied
+    scores (two boxes of the shipped file tie at 0.63120580 on astronaut.jpg)."""
     from dataclasses import replace
 
     levels, sizes, layer = sample_batch
@@ -138,6 +149,8 @@ def test_a_batch_in_one_pass_equals_image_by_image(sample_batch, settings, score
     assert sum(expected.shape[0] > 0 for expected, _ in per_image) >= 1
     for (boxes, scores), (expected_boxes, expected_scores) in zip(one_pass, per_image):
         assert boxes.shape == expected_boxes.shape
+        boxes, scores = _ties_in_coordinate_order(boxes, scores)
+        expected_boxes, expected_scores = _ties_in_coordinate_order(expected_boxes, expected_scores)
         torch.testing.assert_close(boxes, expected_boxes, rtol=0, atol=1e-3)
         torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
     if settings.min_score == EMPTYING_MIN_SCORE:
@@ -165,9 +178,9 @@ def test_infinite_logits_in_one_pass_as_image_by_image(sample_batch):
 def test_bfloat16_logits_in_one_pass_keep_equally_good_boxes(sample_batch):
     """Rounded to bfloat16 many scores tie, and which of the tied boxes are kept may differ (then so do
     the boxes NMS suppresses after them): the stated tolerance is the same number of boxes, at least 85% of
-    each image's found by the other at IoU 0.9 (89-100% on these photos with the shipped file, 97-100% with
-    the one before, whose scores tied less), and scores at each rank within 0.005 on average (at most
-    0.0042 here)."""
+    each image's found by the other at IoU 0.9 (93-100% on these photos with the shipped file, 89-100% with
+    the ninth stage's, 97-100% with the eighth's, whose scores tied less), and scores at each rank within
+    0.005 on average (at most 0.0043 here)."""
     from dataclasses import replace
 
     from torchvision.ops import box_iou
