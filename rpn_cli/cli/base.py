@@ -189,10 +189,6 @@ def parse_floats(text: str, option: str) -> list[float]:
     return values
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 def note_first_onnx_build(checkpoint: Path, device: str, precision: str, backend: str, quiet: bool) -> None:
     """Say why the first run with ONNX Runtime pauses: it builds the export it then keeps."""
     from ..inference.backends import onnx_cache_path, resolve_backend
@@ -203,6 +199,13 @@ def note_first_onnx_build(checkpoint: Path, device: str, precision: str, backend
     if resolve_backend(backend, resolve_device(device), precision, checkpoint) != "onnxruntime":
         return
     built = onnx_cache_path(checkpoint)
-    if not built.is_file():
-        err.print(f"note: building the ONNX Runtime model of {checkpoint.name} once (under a minute); it is kept in "
-                  f"{built.parent}", markup=False, highlight=False, soft_wrap=True)
+    if built.is_file():
+        return
+    from ..io.checkpoint import load_checkpoint
+
+    try:  # a file that will not load is reported by the run itself, in one line, with nothing before it
+        load_checkpoint(checkpoint, "cpu")
+    except RpnError:
+        return
+    err.print(f"note: building the ONNX Runtime model of {checkpoint.name} once (under a minute); it is kept in "
+              f"{built.parent}", markup=False, highlight=False, soft_wrap=True)
