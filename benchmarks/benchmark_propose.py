@@ -8,8 +8,9 @@ Each part runs in its own process (so each has its own peak memory) on the same 
              run again on the first 5 images (ours-cli-start): the difference over the other images is the
              marginal time a photo over a folder, start-up excluded
   ours-split the same pipeline in-process, timed per stage (decode+resize, model, proposal layer, writing),
-             as auto runs it and with each backend and precision (PyTorch float32 and bfloat16, ONNX Runtime
-             float32 and int8) and --batch-size 4 (skip them all with --skip ours-split)
+             as auto runs it (lanes included) and one image at a time, with each backend and precision
+             (PyTorch float32 and bfloat16, ONNX Runtime float32 and int8) and --batch-size 4 (skip them all
+             with --skip ours-split)
   selective  OpenCV's Selective Search, fast mode (needs the bench extra: opencv-contrib-python-headless)
   seed       the seed document's RPN code (tests/seed_reference.py), one image at a time, float32,
              ResNet-50 C4 in the seed project's layout: random weights, or --seed-weights CKPT's
@@ -51,7 +52,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto", batch_size=1, **_):
+def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto", batch_size=1, lanes=None, **_):
     import torch
 
     from rpn_cli import Proposer
@@ -61,10 +62,11 @@ def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto"
 
     proposer = Proposer(checkpoint, device="cpu", backend=backend, precision=precision)  # defaults: as rpn propose
     items = expand_inputs([str(f) for f in files])
-    list(proposer.stream(items[:2], workers=0))  # warm-up: first-call allocations (and a first ONNX build)
+    # Warm-up: first-call allocations, a first ONNX build, the lanes' sessions.
+    list(proposer.stream(items[:2], workers=0, batch_size=batch_size, lanes=lanes))
     timings, writing = Timings(), 0.0
     started = time.perf_counter()
-    for result in proposer.stream(items, workers=0, timings=timings, batch_size=batch_size):
+    for result in proposer.stream(items, workers=0, timings=timings, batch_size=batch_size, lanes=lanes):
         begun = time.perf_counter()
         write_image_outputs(Path(out_dir), result, ["json"], 0)
         writing += time.perf_counter() - begun
@@ -188,6 +190,7 @@ def part_ours_c4(files, c4_checkpoint, precision, **_):
 # In-process variants of the local pipeline: the backend and precision auto picks, and the others.
 SPLIT_VARIANTS = {
     "ours-split": ({}, "rpn propose pipeline, in-process (auto: as rpn propose runs)"),
+    "ours-split-one-at-a-time": ({"lanes": 1}, "  the same, auto, one image at a time (--lanes 1)"),
     "ours-split-torch-float32": ({"backend": "torch", "precision": "float32"}, "  the same, PyTorch float32"),
     "ours-split-torch-bfloat16": ({"backend": "torch", "precision": "bfloat16"}, "  the same, PyTorch bfloat16"),
     "ours-split-onnxruntime": ({"backend": "onnxruntime"}, "  the same, ONNX Runtime float32"),
@@ -268,19 +271,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         common = {"files": [str(f) for f in files], "checkpoint": str(args.checkpoint)}
-        for name in ("ours-cli", "ours-cli-start", *SPLIT_VARIANTS, "selective", "ray"):
-            if name not in skip and not (name.startswith("ours-split-") and "ours-split" in skip) and not (
-                    name == "ours-cli-start" and ("ours-cli" in skip or len(files) <= START_IMAGES)):
-                # Our parts take seconds and vary run to run by about 10%: the median of --repeats runs.
-                runs = []
+        names = [name for name in ("ours-cli", "ours-cli-start", *SPLIT_VARIANTS, "selective", "ray")
+                 if name not in skip and not (name.startswith("ours-split-") and "ours-split" in skip) and not (
+                     name == "ours-cli-start" and ("ours-cli" in skip or len(files) <= START_IMAGES))]
+        # Our parts take seconds and vary run to run by 10% and more: the median of --repeats runs, taken
+        # in rounds over every part, so that a slow spell of the machine falls on all of them alike.
+        runs: dict[str, list] = {name: [] for name in names}
+        for attempt in range(args.repeats):
+            for name in names:
                 part, options = ("ours-split", SPLIT_VARIANTS[name][0]) if name in SPLIT_VARIANTS else (name, {})
-                for attempt in range(args.repeats if part in ("ours-cli", "ours-cli-start", "ours-split") else 1):
-                    out_dir = scratch / f"{name}-{attempt}"
-                    out_dir.mkdir()
-                    print(f"running {name} on {len(files)} images...", file=sys.stderr)
-                    runs.append(_run_part(part, {**common, **options, "out_dir": str(out_dir)}))
-                runs.sort(key=lambda run: run["seconds"])
-                figures[name] = {**runs[len(runs) // 2], "runs_seconds": [round(run["seconds"], 2) for run in runs]}
+                if attempt and part not in ("ours-cli", "ours-cli-start", "ours-split"):
+                    continue
+                out_dir = scratch / f"{name}-{attempt}"
+                out_dir.mkdir()
+                print(f"running {name} on {len(files)} images (round {attempt + 1})...", file=sys.stderr)
+                runs[name].append(_run_part(part, {**common, **options, "out_dir": str(out_dir)}))
+        for name in names:
+            ordered = sorted(runs[name], key=lambda run: run["seconds"])
+            figures[name] = {**ordered[len(ordered) // 2], "runs_seconds": [round(run["seconds"], 2) for run in ordered]}
         if "seed" not in skip:
             from rpn_cli.io.converters import convert_seed_project
 
@@ -348,7 +356,7 @@ def report(figures: dict, files: list, folder: Path) -> None:
             split = figures[name]
             parts = {k: split[k] for k in ("decode", "model", "proposal_layer", "writing")}
             total = sum(parts.values())
-            print(f"- time per image, {label.strip()}: " + ", ".join(
+            print(f"- time per image by stage (with lanes, summed over them), {label.strip()}: " + ", ".join(
                 f"{k} {1000 * v / split['images']:.1f} ms ({v / total:.0%})" for k, v in parts.items()))
 
 

@@ -1,4 +1,5 @@
-"""AR of a checkpoint on the validation set with the network in float32, bfloat16 and int8 (ONNX Runtime).
+"""AR of a checkpoint on the validation set with the network in float32 and bfloat16 (PyTorch), float32 and int8
+(ONNX Runtime).
 
     python benchmarks/recall_by_precision.py [--checkpoint CKPT] [--annotations FILE]
 
@@ -35,7 +36,8 @@ def main() -> None:
     print("| network | AR@10 | AR@100 | AR@300 | AR@100 - float32 | AR@300 - float32 | s / image (whole eval) |")
     print("|---|---|---|---|---|---|---|")
     reference = None
-    for backend, precision in (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime-int8", "auto")):
+    for backend, precision in (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "auto"),
+                               ("onnxruntime-int8", "auto")):
         try:
             proposer = Proposer(args.checkpoint, device="cpu", precision=precision, backend=backend)
         except RpnError as error:

@@ -49,6 +49,7 @@ def propose(
     precision: Annotated[str, typer.Option(help="The network's precision: auto (bfloat16 on CPUs that have it, float16 on CUDA), float32, bfloat16, float16. Decoding and NMS stay float32.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Threads decoding images while the model runs. [default: the cores the network leaves free; 0 decodes between images]")] = None,
+    lanes: Annotated[Optional[int], typer.Option(min=1, help="Images run at once on the CPU, each from decoding to proposals on its own share of the cores (--batch-size 1). [default: one a core, at most 8, when ONNX Runtime runs the network (auto on CPUs); else 1]")] = None,
     pre_nms_top_n: PreNmsTopNOption = None,
     post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Boxes kept after NMS. [default: the checkpoint's; shipped: 300]")] = None,
     nms_iou: NmsIouOption = None,
@@ -124,7 +125,7 @@ def propose(
         writer = ProposalWriter(formats=formats, out=out, stream=sys.stdout, draw_top=draw_top,
                                 image_ids=image_ids, model_version=f"rpn-cli {__version__} {checkpoint.name}",
                                 sheet=sheet)
-        code = _run_propose(items, proposer, writer, batch_size=batch_size, workers=workers,
+        code = _run_propose(items, proposer, writer, batch_size=batch_size, workers=workers, lanes=lanes,
                             skip_existing=skip_existing, fail_fast=fail_fast, quiet=quiet, decoded_ahead=decoded_ahead)
     except RpnError as error:
         fail(error)
@@ -174,7 +175,7 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
 
 
 def _run_propose(items, proposer, writer, *, batch_size, workers, skip_existing, fail_fast, quiet,
-                 decoded_ahead=None) -> int:
+                 lanes=None, decoded_ahead=None) -> int:
     """The local engine's loop: results into ``writer``, errors and progress on stderr; the exit code."""
     from rich.progress import (
         BarColumn,
@@ -197,7 +198,7 @@ def _run_propose(items, proposer, writer, *, batch_size, workers, skip_existing,
     with Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
         task = progress.add_task("images", total=len(items))
-        results = proposer.stream(items, batch_size=batch_size, workers=workers, timings=timings,
+        results = proposer.stream(items, batch_size=batch_size, workers=workers, lanes=lanes, timings=timings,
                                   decoded_ahead=decoded_ahead)
         try:
             for result in results:

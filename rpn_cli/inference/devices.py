@@ -47,7 +47,26 @@ def default_decode_workers(device: torch.device) -> int:
     only contend (measured on 2 cores: 81 ms an image with 2 threads, 62 ms with none,
     ``benchmarks/benchmark_propose.py``); on CUDA the host cores are free to decode.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     if device.type == "cuda":
         return min(4, cores)
     return min(4, max(0, cores - torch.get_num_threads()))
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# Each lane holds one image's activations at a time (two images' at most): this bounds the memory.
+MAX_DEFAULT_LANES = 8
+
+
+def default_lanes(model) -> int:
+    """Images run at once by default (:func:`rpn_cli.inference.engine.propose_images`): on a CPU, one a
+    core up to ``MAX_DEFAULT_LANES`` when ONNX Runtime runs the network, as ``auto`` picks on CPUs (each
+    lane gets a session of its own, so nothing process-wide changes); else 1. PyTorch networks take lanes
+    when asked (``--lanes``): they set PyTorch's process-wide thread count for the run."""
+    if model.device.type != "cpu" or getattr(model, "session", None) is None:
+        return 1
+    return min(cpu_cores(), MAX_DEFAULT_LANES)

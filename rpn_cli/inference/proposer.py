@@ -20,7 +20,7 @@ from ..io.results import ImageResult
 from ..model.preprocess import PreparedImage, prepare_image
 from ..model.proposals import ImageProposals
 from ..weights import DEFAULT_CHECKPOINT
-from .devices import default_decode_workers, resolve_device
+from .devices import default_decode_workers, default_lanes, resolve_device
 from .engine import Timings, propose_images
 from .predict import proposals_for_batch
 from .prefetch import DecodeAhead
@@ -90,10 +90,14 @@ class Proposer:
         return proposals_for_batch(self.model, images, self.proposal_layer, self.top_k)
 
     def stream(self, inputs: Iterable[str | Path | InputImage], *, batch_size: int = 1, workers: int | None = None,
-               timings: Timings | None = None, decoded_ahead: DecodeAhead | None = None) -> Iterator[ImageResult]:
+               lanes: int | None = None, timings: Timings | None = None,
+               decoded_ahead: DecodeAhead | None = None) -> Iterator[ImageResult]:
         """One :class:`ImageResult` per input, in input order, decoding ahead in ``workers`` threads
-        (default: the cores the network leaves free). Paths may be files, folders or globs; a failure
-        is a result with an ``error`` line, and the stream goes on."""
+        (default: the cores the network leaves free), or ``lanes`` images at once on a CPU, each on its
+        own share of the cores (default: :func:`rpn_cli.inference.devices.default_lanes`; with a
+        PyTorch network, PyTorch's thread count is that share until the stream ends or is closed).
+        Paths may be files, folders or globs; a failure is a result with an ``error`` line, and the
+        stream goes on."""
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         items: list[InputImage] = []
@@ -101,8 +105,12 @@ class Proposer:
             items.extend([entry] if isinstance(entry, InputImage) else expand_inputs([str(entry)]))
         if workers is None:
             workers = default_decode_workers(self.device)
+        if lanes is None:
+            lanes = default_lanes(self.model)
+        if lanes < 1:
+            raise UsageError(f"lanes {lanes}: expected 1 or more")
         return propose_images(items, self.model, self.proposal_layer, batch_size=batch_size, workers=workers,
-                              top_k=self.top_k, max_pixels=self.max_pixels, timings=timings,
+                              lanes=lanes, top_k=self.top_k, max_pixels=self.max_pixels, timings=timings,
                               decoded_ahead=decoded_ahead)
 
 

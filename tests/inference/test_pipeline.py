@@ -163,3 +163,77 @@ def test_batching_changes_speed_not_answers(small_checkpoint, tmp_path, precisio
     assert [r.item.given for r in four] == [str(p) for p in paths]
     for a, b in zip(one, four):
         assert torch.equal(a.proposals.boxes, b.proposals.boxes) and torch.equal(a.proposals.scores, b.proposals.scores)
+
+
+# In lanes the network runs on fewer threads an image than one image at a time does. PyTorch then sums
+# inside its convolutions in another order (outputs equal to about 1e-6, as in tests/inference/test_ray.py);
+# ONNX Runtime's int8 kernels gave the very same numbers on the CPUs measured. Boxes are matched one to one,
+# since boxes of nearly equal score may swap ranks.
+LANE_BOX_TOLERANCE = 1e-3
+LANE_SCORE_TOLERANCE = 1e-5
+
+
+def _assert_same_proposals(got, expected):
+    import torch
+
+    assert got.boxes.shape == expected.boxes.shape
+    unmatched = torch.ones(len(expected.scores), dtype=torch.bool)
+    for box, score in zip(got.boxes, got.scores):
+        close = (unmatched & ((expected.scores - score).abs() <= LANE_SCORE_TOLERANCE)
+                 & ((expected.boxes - box).abs().amax(dim=1) <= LANE_BOX_TOLERANCE))
+        assert close.any(), f"{box.tolist()} {float(score)} has no counterpart"
+        unmatched[int(close.nonzero()[0])] = False
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-int8", "torch"])
+def test_lanes_change_speed_not_answers(default_checkpoint, tmp_path, backend):
+    import shutil
+
+    import torch
+
+    from rpn_cli.inference.engine import Timings, propose_images
+    from rpn_cli.inference.runtime import load_model
+
+    paths = []
+    for index, name in enumerate(["chelsea", "astronaut", "missing", "coffee", "rocket", "chelsea", "coffee"]):
+        paths.append(tmp_path / f"{index}-{name}.jpg")
+        if name != "missing":
+            shutil.copy(SAMPLES / f"{name}.jpg", paths[-1])
+    model = load_model(default_checkpoint, "cpu", "float32", backend=backend)
+    proposal_layer = model.spec.proposal_layer()
+    threads = torch.get_num_threads()
+    one = list(propose_images(_inputs(paths), model, proposal_layer))
+    timings = Timings()
+    laned = list(propose_images(_inputs(paths), model, proposal_layer, lanes=3, timings=timings))
+    assert torch.get_num_threads() == threads  # a PyTorch network's run gives the threads back
+    assert [r.item.given for r in laned] == [str(p) for p in paths]
+    assert laned[2].error == one[2].error and "2-missing.jpg" in laned[2].error
+    assert (timings.images, timings.failed) == (6, 1) and timings.proposals == sum(
+        len(r.proposals.scores) for r in one if r.error is None)
+    for a, b in zip(laned, one):
+        if b.error is None:
+            _assert_same_proposals(a.proposals, b.proposals)
+            if backend != "torch":
+                assert torch.equal(a.proposals.boxes, b.proposals.boxes)
+    # Closed half-way, as a reader that stops early does: the threads still come back.
+    stream = propose_images(_inputs(paths), model, proposal_layer, lanes=2)
+    next(stream)
+    stream.close()
+    assert torch.get_num_threads() == threads
+
+
+def test_lanes_by_default_only_where_onnxruntime_runs_the_network(monkeypatch, default_checkpoint):
+    from rpn_cli.inference.devices import default_lanes
+    from rpn_cli.inference.runtime import load_model
+
+    int8 = load_model(default_checkpoint, "cpu", backend="onnxruntime-int8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_lanes(int8) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert default_lanes(int8) == 8  # capped: each lane holds an image's activations
+    assert default_lanes(load_model(default_checkpoint, "cpu", "float32", backend="torch")) == 1
+    # Each thread count gets a session of its own, built once.
+    single = int8.with_threads(1)
+    assert single is int8.with_threads(1) and single.session is not int8.session
+    assert single.session.get_session_options().intra_op_num_threads == 1
+    assert single.spec == int8.spec and single.precision == "int8"
