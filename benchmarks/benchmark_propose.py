@@ -56,6 +56,7 @@ def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto"
     import torch
 
     from rpn_cli import Proposer
+    from rpn_cli.inference.devices import default_lanes
     from rpn_cli.inference.engine import Timings
     from rpn_cli.io.inputs import expand_inputs
     from rpn_cli.io.outputs import write_image_outputs
@@ -71,7 +72,9 @@ def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto"
         write_image_outputs(Path(out_dir), result, ["json"], 0)
         writing += time.perf_counter() - begun
     total = time.perf_counter() - started
-    return {"seconds": total, "images": len(files), "decode": timings.decode, "model": timings.model,
+    used_lanes = 1 if batch_size > 1 else min(len(items), default_lanes(proposer.model) if lanes is None else lanes)
+    return {"seconds": total, "images": len(files), "lanes": used_lanes, "decode": timings.decode,
+            "model": timings.model,
             "proposal_layer": timings.proposal_layer, "writing": writing, "threads": torch.get_num_threads(),
             "engine": f"{type(proposer.model).__name__} {getattr(proposer.model, 'precision', 'float32')}"}
 
@@ -356,7 +359,8 @@ def report(figures: dict, files: list, folder: Path) -> None:
             split = figures[name]
             parts = {k: split[k] for k in ("decode", "model", "proposal_layer", "writing")}
             total = sum(parts.values())
-            print(f"- time per image by stage (with lanes, summed over them), {label.strip()}: " + ", ".join(
+            lanes = f" ({split['lanes']} lanes: seconds summed over them)" if split.get("lanes", 1) > 1 else ""
+            print(f"- time per image by stage, {label.strip()}{lanes}: " + ", ".join(
                 f"{k} {1000 * v / split['images']:.1f} ms ({v / total:.0%})" for k, v in parts.items()))
 
 

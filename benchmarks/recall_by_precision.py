@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from rpn_cli import Proposer, RpnError  # noqa: E402
 from rpn_cli.evaluation.recall import average_recall_report, proposals_from_model  # noqa: E402
+from rpn_cli.inference.backends import cpu_has_bfloat16  # noqa: E402
 from rpn_cli.io.datasets import load_coco  # noqa: E402
 from rpn_cli.weights import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -38,6 +39,10 @@ def main() -> None:
     reference = None
     for backend, precision in (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "auto"),
                                ("onnxruntime-int8", "auto")):
+        if precision == "bfloat16" and not cpu_has_bfloat16():
+            # Emulated there: 18 times PyTorch float32's time on the Zen 3 measured (README "Performance"); never auto's.
+            print(f"| {backend} {precision} | not run: this CPU has no native bfloat16 |")
+            continue
         try:
             proposer = Proposer(args.checkpoint, device="cpu", precision=precision, backend=backend)
         except RpnError as error:

@@ -48,8 +48,8 @@ def propose(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="The network's precision: auto (bfloat16 on CPUs that have it, float16 on CUDA), float32, bfloat16, float16. Decoding and NMS stay float32.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Threads decoding images while the model runs. [default: the cores the network leaves free; 0 decodes between images]")] = None,
-    lanes: Annotated[Optional[int], typer.Option(min=1, help="Images run at once on the CPU, each from decoding to proposals on its own share of the cores (--batch-size 1). [default: one a core, at most 8, when ONNX Runtime runs the network (auto on CPUs); else 1]")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Threads decoding images while the model runs, one image at a time (lanes decode in their own threads). [default: the cores the network leaves free; 0 decodes between images]")] = None,
+    lanes: Annotated[Optional[int], typer.Option(min=1, help="Images run at once on the CPU, each in a thread of its own from decoding to proposals, the network on an equal share of the cores (--batch-size 1; the local engine). [default: where ONNX Runtime runs the network on the CPU (auto on CPUs), enough to use every core, at most 8; else 1]")] = None,
     pre_nms_top_n: PreNmsTopNOption = None,
     post_nms_top_n: Annotated[Optional[int], typer.Option("--post-nms-top-n", help="Boxes kept after NMS. [default: the checkpoint's; shipped: 300]")] = None,
     nms_iou: NmsIouOption = None,
@@ -207,6 +207,7 @@ def _run_propose(items, proposer, writer, *, batch_size, workers, skip_existing,
                     err.print(f"error: {result.error}", markup=False, highlight=False, soft_wrap=True)
                     if fail_fast:
                         failed_fast = True
+                        results.close()  # lanes stop, and a PyTorch network's threads come back, before finishing
                         break
                     continue
                 writer.write(result)

@@ -1,5 +1,6 @@
 """The one place that decides which device the model runs on, and what runs beside it."""
 
+import math
 import os
 
 import torch
@@ -58,15 +59,17 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# Each lane holds one image's activations at a time (two images' at most): this bounds the memory.
+# Each running lane holds one image (decoded, resized, through the network) at a time: this bounds memory.
 MAX_DEFAULT_LANES = 8
 
 
 def default_lanes(model) -> int:
-    """Images run at once by default (:func:`rpn_cli.inference.engine.propose_images`): on a CPU, one a
-    core up to ``MAX_DEFAULT_LANES`` when ONNX Runtime runs the network, as ``auto`` picks on CPUs (each
-    lane gets a session of its own, so nothing process-wide changes); else 1. PyTorch networks take lanes
-    when asked (``--lanes``): they set PyTorch's process-wide thread count for the run."""
-    if model.device.type != "cpu" or getattr(model, "session", None) is None:
+    """Images run at once by default (:func:`rpn_cli.inference.engine.propose_images`): where ONNX Runtime
+    runs the network on the CPU, as ``auto`` picks on CPUs, as many as use every core with an equal
+    number of threads each, at most ``MAX_DEFAULT_LANES`` (2 cores: 2 lanes of 1; 12: 6 of 2); each lane
+    gets a session of its own, so nothing process-wide changes. Else 1: PyTorch networks take lanes
+    when asked (``--lanes``), setting PyTorch's process-wide thread count for the run."""
+    if getattr(model, "session", None) is None or not model.runs_on_cpu:
         return 1
-    return min(cpu_cores(), MAX_DEFAULT_LANES)
+    cores = cpu_cores()
+    return max(1, cores // math.ceil(cores / MAX_DEFAULT_LANES))

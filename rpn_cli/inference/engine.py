@@ -1,5 +1,5 @@
 """The local proposal engine, in input order: decode and resize in worker threads while the model runs, or, on
-a CPU, several images at once in lanes, each image on its own cores from decoding to proposals."""
+a CPU, several images at once in lanes, each in a thread of its own from decoding to proposals."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import SimpleQueue
 from typing import Iterator, Sequence
 
 import torch
@@ -76,7 +77,8 @@ def propose_images(
     (``workers`` then plays no part).
     """
     timings = timings or Timings()
-    if lanes > 1 and batch_size == 1 and len(items) > 1 and model.device.type == "cpu":
+    lanes = min(lanes, len(items))
+    if lanes > 1 and batch_size == 1 and getattr(model, "runs_on_cpu", model.device.type == "cpu"):
         yield from _propose_in_lanes(items, model, proposal_layer, lanes, top_k, max_pixels, timings, decoded_ahead)
         return
     preprocess = model.spec.preprocess
@@ -149,21 +151,24 @@ def _run_batch(batch, model, proposal_layer, top_k, timings: Timings) -> Iterato
 def _propose_in_lanes(items, model, proposal_layer, lanes, top_k, max_pixels, timings: Timings,
                       decoded_ahead) -> Iterator[ImageResult]:
     """``lanes`` images at once, each decoded, run through the network and the proposal layer in a thread of
-    its own, the network on an equal share of the cores; at most two images a lane in memory.
+    its own, the network on an equal share of the cores; at most two images a lane queued, one held.
 
-    Why: one image at a time leaves cores idle while it is decoded and through the proposal layer, and
-    the network gains less than a core a thread (measured on 2 cores, ONNX Runtime int8: 63 ms an image
-    in 2 lanes, 92 ms one at a time, the same proposals; README "Performance"). ONNX Runtime networks
-    get sessions of their own of that many threads (``with_threads``); for PyTorch networks the
-    process-wide thread count is set to it for the run and restored when the stream ends or is closed.
+    Why: one image at a time leaves cores idle while it is decoded and goes through the proposal layer,
+    and the network gains less than a core a thread (measured on 2 cores, ONNX Runtime int8: 0.075 s an
+    image in 2 lanes, 0.096 s one at a time, the same records; README "Performance"). ONNX Runtime
+    networks get a session of their own a lane (``with_threads``); for PyTorch networks the process-wide
+    thread count is set to the share for the run and restored when the stream ends or is closed.
     """
     threads = max(1, cpu_cores() // lanes)
     with_threads = getattr(model, "with_threads", None)
-    runner = with_threads(threads) if with_threads is not None else None
-    torch_threads = torch.get_num_threads()
-    if runner is None:
-        runner = model
+    runners = with_threads(threads, lanes) if with_threads is not None else None
+    torch_threads = torch.get_num_threads() if runners is None else None
+    if runners is None:
+        runners = [model] * lanes
         torch.set_num_threads(threads)
+    free = SimpleQueue()  # a runner a running lane: ONNX Runtime sessions then never share their threads
+    for runner in runners:
+        free.put(runner)
     preprocess = model.spec.preprocess
     executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="rpn-lane")
     pending: deque[tuple[InputImage, Future]] = deque()
@@ -172,7 +177,7 @@ def _propose_in_lanes(items, model, proposal_layer, lanes, top_k, max_pixels, ti
     def submit_next() -> None:
         item = next(queue, None)
         if item is not None:
-            pending.append((item, executor.submit(_propose_one, item, runner, proposal_layer, preprocess, top_k,
+            pending.append((item, executor.submit(_propose_one, item, free, proposal_layer, preprocess, top_k,
                                                   max_pixels, decoded_ahead)))
 
     try:
@@ -193,17 +198,23 @@ def _propose_in_lanes(items, model, proposal_layer, lanes, top_k, max_pixels, ti
             yield result
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(torch_threads)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
 
 
-def _propose_one(item, model, proposal_layer, preprocess, top_k, max_pixels,
+def _propose_one(item, free_runners: SimpleQueue, proposal_layer, preprocess, top_k, max_pixels,
                  decoded_ahead) -> tuple[ImageResult, tuple[float, float, float]]:
-    """One image from its file to its proposals; the seconds of decoding, network and proposal layer."""
+    """One image from its file to its proposals, the network run by a runner taken from ``free_runners``
+    and given back; the seconds of decoding, network and proposal layer."""
     prepared, error, decode = _prepare(item, preprocess, max_pixels, decoded_ahead)
     if error is not None:
         return ImageResult(item, error=error), (decode, 0.0, 0.0)
     started = time.perf_counter()
-    levels = run_model(model, [prepared])
+    runner = free_runners.get()
+    try:
+        levels = run_model(runner, [prepared])
+    finally:
+        free_runners.put(runner)
     network = time.perf_counter() - started
     started = time.perf_counter()
     proposals = proposals_from_outputs(levels, [prepared], proposal_layer, top_k)[0]

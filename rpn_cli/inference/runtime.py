@@ -37,7 +37,7 @@ class ExportedRegionProposalNetwork:
 
     def __init__(self, path: str | Path, device: torch.device, *, trust_torchscript: bool = False):
         self.path = Path(path)
-        self._sessions_by_threads: dict[int, ExportedRegionProposalNetwork] = {}
+        self._sessions_by_threads: dict[int, list[ExportedRegionProposalNetwork]] = {}
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such checkpoint")
         self.device = device
@@ -55,6 +55,9 @@ class ExportedRegionProposalNetwork:
             import onnxruntime
         except ImportError as error:
             raise UsageError('running an .onnx checkpoint needs onnxruntime: pip install "rpn-cli[onnx]"') from error
+        self.providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            self.providers.insert(0, "CUDAExecutionProvider")
         self.session = self._onnx_session(onnxruntime)
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.spec = self._spec_from(metadata.get(METADATA_KEY))
@@ -65,34 +68,39 @@ class ExportedRegionProposalNetwork:
     def _onnx_session(self, onnxruntime, threads: int = 0):
         """An ONNX Runtime session of the file on ``threads`` threads (the calling one included; 0: ONNX
         Runtime's default, one a core)."""
-        providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda":
-            providers.insert(0, "CUDAExecutionProvider")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         # ONNX Runtime's threads spin after each run by default, taking the cores from the proposal
         # layer that runs next in PyTorch (measured: 20 ms instead of 10 ms an image on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            return onnxruntime.InferenceSession(str(self.path), options, providers=providers)
+            return onnxruntime.InferenceSession(str(self.path), options, providers=self.providers)
         except Exception as error:  # onnxruntime has its own exception types
             raise CheckpointError(f"{self.path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from error
 
-    def with_threads(self, threads: int) -> ExportedRegionProposalNetwork | None:
-        """This network on an ONNX Runtime session of its own that runs on ``threads`` threads (the
-        calling one included), built on first use and then kept: for several images at once, each on
-        its own cores (:func:`rpn_cli.inference.engine.propose_images`'s ``lanes``). None for
-        TorchScript, which runs on PyTorch's threads."""
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Whether the network runs on the CPU (ONNX Runtime hands back host arrays even from a GPU)."""
+        if hasattr(self, "session"):
+            return "CUDAExecutionProvider" not in self.session.get_providers()
+        return self.device.type == "cpu"
+
+    def with_threads(self, threads: int, count: int) -> list[ExportedRegionProposalNetwork] | None:
+        """``count`` copies of this network, each on an ONNX Runtime session of its own that runs on
+        ``threads`` threads (the calling one included), built on first use and then kept: for several
+        images at once, each on its own share of the cores (:func:`rpn_cli.inference.engine.propose_images`'s
+        ``lanes``). None for TorchScript, which runs on PyTorch's threads."""
         if not hasattr(self, "session"):
             return None
-        if threads not in self._sessions_by_threads:
-            import onnxruntime
+        import onnxruntime
 
+        built = self._sessions_by_threads.setdefault(threads, [])
+        while len(built) < count:
             twin = copy.copy(self)
             twin.session = self._onnx_session(onnxruntime, threads)
             twin._sessions_by_threads = {}
-            self._sessions_by_threads[threads] = twin
-        return self._sessions_by_threads[threads]
+            built.append(twin)
+        return built[:count]
 
     def _load_torchscript(self) -> None:
         files = {METADATA_KEY: ""}

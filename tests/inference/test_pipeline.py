@@ -186,13 +186,25 @@ def _assert_same_proposals(got, expected):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime-int8", "torch"])
-def test_lanes_change_speed_not_answers(default_checkpoint, tmp_path, backend):
+def test_lanes_change_speed_not_answers(default_checkpoint, tmp_path, backend, monkeypatch):
     import shutil
+    import threading
 
     import torch
 
+    from rpn_cli.inference import engine
     from rpn_cli.inference.engine import Timings, propose_images
     from rpn_cli.inference.runtime import load_model
+
+    seen = []  # (thread, PyTorch threads, network) of each network call
+    run_model = engine.run_model
+
+    def recording_run_model(model, images):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), id(model)))
+        return run_model(model, images)
+
+    monkeypatch.setattr(engine, "run_model", recording_run_model)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # a lane a core
 
     paths = []
     for index, name in enumerate(["chelsea", "astronaut", "missing", "coffee", "rocket", "chelsea", "coffee"]):
@@ -203,9 +215,17 @@ def test_lanes_change_speed_not_answers(default_checkpoint, tmp_path, backend):
     proposal_layer = model.spec.proposal_layer()
     threads = torch.get_num_threads()
     one = list(propose_images(_inputs(paths), model, proposal_layer))
+    assert {name for name, _, _ in seen} == {threading.current_thread().name}
+    seen.clear()
     timings = Timings()
     laned = list(propose_images(_inputs(paths), model, proposal_layer, lanes=3, timings=timings))
     assert torch.get_num_threads() == threads  # a PyTorch network's run gives the threads back
+    assert len(seen) == 6 and all(name.startswith("rpn-lane") for name, _, _ in seen)
+    if backend == "torch":
+        assert {(count, network) for _, count, network in seen} == {(1, id(model))}
+    else:  # a session a lane, none of them the one-at-a-time session, PyTorch's threads untouched
+        assert len({network for _, _, network in seen}) > 1 and id(model) not in {n for _, _, n in seen}
+        assert {count for _, count, _ in seen} == {threads}
     assert [r.item.given for r in laned] == [str(p) for p in paths]
     assert laned[2].error == one[2].error and "2-missing.jpg" in laned[2].error
     assert (timings.images, timings.failed) == (6, 1) and timings.proposals == sum(
@@ -232,8 +252,11 @@ def test_lanes_by_default_only_where_onnxruntime_runs_the_network(monkeypatch, d
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert default_lanes(int8) == 8  # capped: each lane holds an image's activations
     assert default_lanes(load_model(default_checkpoint, "cpu", "float32", backend="torch")) == 1
-    # Each thread count gets a session of its own, built once.
-    single = int8.with_threads(1)
-    assert single is int8.with_threads(1) and single.session is not int8.session
-    assert single.session.get_session_options().intra_op_num_threads == 1
-    assert single.spec == int8.spec and single.precision == "int8"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert default_lanes(int8) == 6  # of 2 threads each: every core used
+    # A session a lane, built once for each thread count.
+    lanes = int8.with_threads(1, 2)
+    assert int8.with_threads(1, 2) == lanes and int8.with_threads(1, 1) == lanes[:1]
+    assert len({id(lane.session) for lane in lanes} | {id(int8.session)}) == 3
+    assert all(lane.session.get_session_options().intra_op_num_threads == 1 for lane in lanes)
+    assert lanes[0].spec == int8.spec and lanes[0].precision == "int8" and lanes[0].runs_on_cpu
