@@ -10,6 +10,7 @@ is its mean over IoU 0.50:0.05:0.95.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from torchvision.ops import box_iou
 from ..errors import DataError, ImageError, UsageError
 from ..io.datasets import AnnotatedImage, load_coco, load_voc
 from ..io.files import atomic_write_bytes
+from ..io.inputs import InputImage
 
 if TYPE_CHECKING:
     from ..inference.proposer import Proposer
@@ -136,21 +138,19 @@ def proposals_from_model(
     proposer: "Proposer", ground_truth: Sequence[AnnotatedImage], advance: Callable[[], None] = lambda: None,
     unreadable: Callable[[AnnotatedImage, ImageError], None] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Run ``proposer`` on every annotated image. An image that cannot be read (missing, corrupt) gets no
-    entry and is passed to ``unreadable`` (which may raise); the figures should then leave it out
-    (:func:`readable_only`), not count its objects as missed."""
+    """Run ``proposer`` on every annotated image, through its stream (so in lanes where ``rpn propose`` would
+    use them). An image that cannot be read (missing, corrupt) gets no entry and is passed to
+    ``unreadable`` (which may raise); the figures should then leave it out (:func:`readable_only`), not
+    count its objects as missed."""
     found = {}
-    for image in ground_truth:
-        try:
-            prepared = proposer.prepare(image.path)
-        except ImageError as error:
-            if unreadable is not None:
-                unreadable(image, error)
+    items = [InputImage(str(image.path), image.path.name) for image in ground_truth]
+    with contextlib.closing(proposer.stream(items)) as results:
+        for image, result in zip(ground_truth, results):
+            if result.error is None:
+                found[image.image_id] = (result.proposals.boxes.numpy(), result.proposals.scores.numpy())
+            elif unreadable is not None:
+                unreadable(image, ImageError(result.error))
             advance()
-            continue
-        result = proposer.propose_prepared([prepared])[0]
-        found[image.image_id] = (result.boxes.numpy(), result.scores.numpy())
-        advance()
     return found
 
 
