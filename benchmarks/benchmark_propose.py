@@ -56,7 +56,6 @@ def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto"
     import torch
 
     from rpn_cli import Proposer
-    from rpn_cli.inference.devices import default_lanes
     from rpn_cli.inference.engine import Timings
     from rpn_cli.io.inputs import expand_inputs
     from rpn_cli.io.outputs import write_image_outputs
@@ -72,10 +71,9 @@ def part_ours_split(files, checkpoint, out_dir, backend="auto", precision="auto"
         write_image_outputs(Path(out_dir), result, ["json"], 0)
         writing += time.perf_counter() - begun
     total = time.perf_counter() - started
-    used_lanes = 1 if batch_size > 1 else min(len(items), default_lanes(proposer.model) if lanes is None else lanes)
-    return {"seconds": total, "images": len(files), "lanes": used_lanes, "decode": timings.decode,
-            "model": timings.model,
-            "proposal_layer": timings.proposal_layer, "writing": writing, "threads": torch.get_num_threads(),
+    return {"seconds": total, "images": len(files), "lanes": timings.lanes, "decode": timings.decode,
+            "model": timings.model, "proposal_layer": timings.proposal_layer, "writing": writing,
+            "threads": torch.get_num_threads(),
             "engine": f"{type(proposer.model).__name__} {getattr(proposer.model, 'precision', 'float32')}"}
 
 

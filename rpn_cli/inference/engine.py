@@ -37,6 +37,7 @@ class Timings:
     images: int = 0
     failed: int = 0
     proposals: int = 0
+    lanes: int = 1  # images run at once
 
 
 def _prepare(item: InputImage, preprocess: PreprocessSpec, max_pixels: int | None,
@@ -162,10 +163,11 @@ def _propose_in_lanes(items, model, proposal_layer, lanes, top_k, max_pixels, ti
     threads = max(1, cpu_cores() // lanes)
     with_threads = getattr(model, "with_threads", None)
     runners = with_threads(threads, lanes) if with_threads is not None else None
-    torch_threads = torch.get_num_threads() if runners is None else None
+    torch_threads = None  # PyTorch's thread count, where this run changes it
     if runners is None:
-        runners = [model] * lanes
+        runners, torch_threads = [model] * lanes, torch.get_num_threads()
         torch.set_num_threads(threads)
+    timings.lanes = lanes
     free = SimpleQueue()  # a runner a running lane: ONNX Runtime sessions then never share their threads
     for runner in runners:
         free.put(runner)
