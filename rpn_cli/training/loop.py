@@ -330,6 +330,10 @@ def _provenance_summary(provenance: dict) -> dict:
     summary = {key: provenance[key] for key in kept if key in provenance}
     if "history" in provenance:
         summary["epochs"] = len(provenance["history"])
+        # A resumed run's legs, where they differ ("command" is the last one's).
+        commands = list(dict.fromkeys(epoch["command"] for epoch in provenance["history"] if "command" in epoch))
+        if len(commands) > 1:
+            summary["commands"] = commands
     return summary
 
 
@@ -349,6 +353,8 @@ class _Run:
     # The moving average of the weights (--ema-decay), or None.
     average: AveragedModel | None = None
     history: list = field(default_factory=list)
+    # Set by a resume: the settings that differ from the saved run's, as the warning names them.
+    resumed_with: list[str] | None = None
 
     @property
     def kept_model(self) -> RegionProposalNetwork:
@@ -409,10 +415,13 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
         figures = _validate(run.kept_model, run.validation, report)
         last_step = _validate(run.model, run.validation, report) if run.average is not None else None
         # "seconds": the whole epoch, its validations included.
+        # Each epoch names the command that trained it: a resumed run's provenance keeps every leg's.
         record = {"epoch": epoch + 1, "seconds": round(time.time() - started, 1), "losses": losses,
-                  "validation": figures}
+                  "validation": figures, "command": config.command}
         if last_step is not None:
             record["validation_last_step"] = last_step
+        if run.resumed_with is not None:
+            record["resumed_with_changed_settings"], run.resumed_with = run.resumed_with, None
         run.history.append(record)
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
                  "history": json.dumps(run.history), "setup": run.setup, "settings": json.dumps(_settings(run))}
@@ -512,8 +521,10 @@ def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
     if saved_settings is None:
         report(TrainEvent("warning", message=f"{state_file} does not record its run's settings (written before "
                                              "rpn kept them, or damaged): they are not compared with these"))
+        run.resumed_with = ["unknown"]
         return
     changed = _changed_settings(saved_settings, _settings(run))
+    run.resumed_with = changed
     if changed:
         report(TrainEvent("warning", message="resumed with settings that differ from the saved run's: "
                                              + ", ".join(changed)))

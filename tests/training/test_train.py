@@ -276,8 +276,15 @@ def test_train_writes_a_checkpoint_and_resumes(tmp_path):
     train(config, _small_spec(), torch.device("cpu"), events.append)
     state = torch.load(work / "last.pt", weights_only=True)
     assert state["epoch"] == 1
-    config.epochs = 2
+    config.epochs, config.command = 2, "test --epochs 2"
     report = train(config, _small_spec(), torch.device("cpu"), events.append)
+    from rpn_cli.io.checkpoint import read_spec
+
+    # The resumed run's file keeps both legs: each epoch names its command, the resumed one what changed.
+    first, second = read_spec(work / "final.safetensors").provenance["history"]
+    assert (first["command"], second["command"]) == ("test", "test --epochs 2")
+    assert "resumed_with_changed_settings" not in first
+    assert second["resumed_with_changed_settings"] == ["--epochs 2 (saved: 1)"]
     warnings = [e.message for e in events if e.kind == "warning"]
     assert warnings[-2:] == [f"resumed from {work / 'last.pt'} after epoch 1",
                              "resumed with settings that differ from the saved run's: --epochs 2 (saved: 1)"]
@@ -302,10 +309,8 @@ def test_train_writes_a_checkpoint_and_resumes(tmp_path):
     torch.save({**state, "ema_decay": torch.zeros(2)}, work / "last.pt")
     with pytest.raises(CheckpointError, match="last.pt: not a training state written by rpn train .a bad setup"):
         train(config, _small_spec(), torch.device("cpu"), events.append)
-    from rpn_cli.io.checkpoint import read_spec
-
     provenance = read_spec(work / "final.safetensors").provenance
-    assert provenance["command"] == "test" and len(provenance["history"]) == 2
+    assert provenance["command"] == "test --epochs 2" and len(provenance["history"]) == 2
     assert provenance["validation"] == report and "AR@100" in report
 
 
@@ -438,6 +443,8 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
     folder = _synthetic_dataset(tmp_path / "data")
     first = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "first"), epochs=1,
                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, command="first run")
+    train(first, _small_spec(), torch.device("cpu"))
+    first.epochs, first.command = 2, "first run, resumed"
     first_report = train(first, _small_spec(), torch.device("cpu"))
     second = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "second"), epochs=1,
                          batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, command="second run",
@@ -448,7 +455,8 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
     provenance = read_spec(tmp_path / "second" / "final.safetensors").provenance
     assert provenance["command"] == "second run"
     started_from = provenance["initialised_from"]
-    assert started_from["command"] == "first run" and started_from["epochs"] == 1
+    assert started_from["command"] == "first run, resumed" and started_from["epochs"] == 2
+    assert started_from["commands"] == ["first run", "first run, resumed"]
     assert started_from["validation"] == first_report and "history" not in started_from
 
 
