@@ -328,10 +328,13 @@ def _provenance_summary(provenance: dict) -> dict:
     kept = ("trained_by", "command", "data", "partially_labelled_data", "validation_sets", "training_images",
             "validation", "after_training", "initialised_from", "converted_from", "source_format", "arch")  # the last three: a checkpoint from rpn convert
     summary = {key: provenance[key] for key in kept if key in provenance}
-    if "history" in provenance:
-        summary["epochs"] = len(provenance["history"])
+    # The file's own JSON: a history that is not a list of records (with string commands) is passed over.
+    history = provenance.get("history")
+    if isinstance(history, list):
+        summary["epochs"] = len(history)
         # A resumed run's legs, where they differ ("command" is the last one's).
-        commands = list(dict.fromkeys(epoch["command"] for epoch in provenance["history"] if "command" in epoch))
+        commands = list(dict.fromkeys(epoch["command"] for epoch in history
+                                      if isinstance(epoch, dict) and isinstance(epoch.get("command"), str)))
         if len(commands) > 1:
             summary["commands"] = commands
     return summary

@@ -460,6 +460,26 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
     assert started_from["validation"] == first_report and "history" not in started_from
 
 
+
+@pytest.mark.parametrize("history, summary", [
+    (5, {"command": "made elsewhere"}),
+    (["a", {"command": ["x"]}, {"command": "leg 1"}, {"command": "leg 2"}],
+     {"command": "made elsewhere", "epochs": 4, "commands": ["leg 1", "leg 2"]}),
+])
+def test_a_start_file_with_an_odd_history_is_summarised_from_what_it_holds(tmp_path, history, summary):
+    """A checkpoint's provenance is the file's own JSON: what --init keeps of it never trusts its shape."""
+    from rpn_cli.io.checkpoint import read_spec, save_checkpoint
+
+    folder = _synthetic_dataset(tmp_path / "data")
+    spec = _small_spec()
+    spec.provenance = {"command": "made elsewhere", "history": history}
+    save_checkpoint(RegionProposalNetwork(spec), tmp_path / "start.safetensors")
+    config = TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / "work"), epochs=1,
+                         batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1,
+                         init_checkpoint=str(tmp_path / "start.safetensors"))
+    train(config, _small_spec(), torch.device("cpu"))
+    assert read_spec(tmp_path / "work" / "final.safetensors").provenance["initialised_from"] == summary
+
 def test_teacher_finds_the_objects_of_a_real_photo(coco_dir, teacher_model):
     pytest.importorskip("onnxruntime")
     from torchvision.ops import box_iou
