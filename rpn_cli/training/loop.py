@@ -356,8 +356,6 @@ class _Run:
     # The moving average of the weights (--ema-decay), or None.
     average: AveragedModel | None = None
     history: list = field(default_factory=list)
-    # Set by a resume: the settings that differ from the saved run's, as the warning names them.
-    resumed_with: list[str] | None = None
 
     @property
     def kept_model(self) -> RegionProposalNetwork:
@@ -399,8 +397,7 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     torch.manual_seed(config.seed)
     run = _set_up(config, spec, device, work_dir, report)
     state_file = work_dir / "last.pt"
-    if state_file.exists():
-        _resume(run, state_file, report)
+    resumed_with = _resume(run, state_file, report) if state_file.exists() else None
     targets = TargetSettings(allowed_border=float("inf") if config.allowed_border is None else config.allowed_border)
     for epoch in range(len(run.history), config.epochs):
         started = time.time()
@@ -423,8 +420,9 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
                   "validation": figures, "command": config.command}
         if last_step is not None:
             record["validation_last_step"] = last_step
-        if run.resumed_with is not None:
-            record["resumed_with_changed_settings"], run.resumed_with = run.resumed_with, None
+        if resumed_with is not None:  # the first epoch after a resume
+            record["resumed_with_changed_settings"] = resumed_with
+            resumed_with = None
         run.history.append(record)
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
                  "history": json.dumps(run.history), "setup": run.setup, "settings": json.dumps(_settings(run))}
@@ -496,8 +494,10 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
                 average)
 
 
-def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
-    """Continue from ``last.pt``: weights, optimizer and history, when it was saved by this same setup."""
+def _resume(run: _Run, state_file: Path, report: Reporter) -> list[str]:
+    """Continue from ``last.pt``: weights, optimizer and history, when it was saved by this same setup.
+    Returns the settings that differ from the saved run's, as the warning names them (``["unknown"]``
+    where ``last.pt`` does not record them)."""
     state = _read_training_state(state_file)
     saved_setup, saved_decay = state.get("setup", run.setup), state.get("ema_decay")
     if not isinstance(saved_setup, str) or not (saved_decay is None or isinstance(saved_decay, float)):
@@ -524,13 +524,12 @@ def _resume(run: _Run, state_file: Path, report: Reporter) -> None:
     if saved_settings is None:
         report(TrainEvent("warning", message=f"{state_file} does not record its run's settings (written before "
                                              "rpn kept them, or damaged): they are not compared with these"))
-        run.resumed_with = ["unknown"]
-        return
+        return ["unknown"]
     changed = _changed_settings(saved_settings, _settings(run))
-    run.resumed_with = changed
     if changed:
         report(TrainEvent("warning", message="resumed with settings that differ from the saved run's: "
                                              + ", ".join(changed)))
+    return changed
 
 
 def _saved_settings(state: dict) -> dict | None:
