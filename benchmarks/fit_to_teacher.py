@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpn_cli import Proposer  # noqa: E402
+from rpn_cli.errors import UsageError  # noqa: E402
 from rpn_cli.evaluation.recall import average_recall_report, proposals_from_model  # noqa: E402
 from rpn_cli.io.datasets import AnnotatedImage, load_unlabeled  # noqa: E402
 from rpn_cli.io.images import load_image  # noqa: E402
@@ -54,7 +55,12 @@ def main() -> None:
 
     from validation_set import validation_images
 
-    teacher = YoloxTeacher(args.teacher)
+    if not args.trained_on.is_dir():
+        sys.exit(f"{args.trained_on}: no such folder (the photos the checkpoints were trained on)")
+    try:
+        teacher = YoloxTeacher(args.teacher)
+    except UsageError as error:
+        sys.exit(str(error))
     sets = {f"trained on ({args.trained_on.name})": teacher_truth(load_unlabeled(args.trained_on), teacher,
                                                                   args.threshold),
             "validation (never trained on)": teacher_truth(validation_images(), teacher, args.threshold)}
