@@ -39,6 +39,9 @@ def export(
         if len(paths) > 2:
             raise UsageError("rpn export [CHECKPOINT] DESTINATION: at most two paths")
         checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
+        if checkpoint is None and destination.suffix == ".safetensors":
+            raise UsageError(f"{destination}: a checkpoint is what rpn export reads; name the file to write "
+                             f"after it: rpn export {destination} model.onnx")
         # Only the options given reach export_model, whose defaults are the documented ones.
         tuning = {"calibration_count": calibration_count, "calibration_method": calibration_method,
                   "calibration_percentile": calibration_percentile}

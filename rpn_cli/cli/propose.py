@@ -84,6 +84,7 @@ def propose(
             # Before anything imports torch: see prefetch.py.
             decoded_ahead = DecodeAhead(items, max_pixels)
         from ..inference.proposer import Proposer
+        from ..io.files import check_writable_under
         from ..io.outputs import (
             ProposalWriter,
             check_output_names,
@@ -110,6 +111,8 @@ def propose(
             check_output_paths(out, items, per_image)
         if sheet is not None and os.path.realpath(sheet) in {os.path.realpath(i.given) for i in items if not i.problem}:
             raise UsageError(f"--sheet {sheet} would replace an input; choose another file")
+        if sheet is not None:
+            check_writable_under(sheet)
         if skip_existing and collected:
             raise UsageError(f"--skip-existing resumes per-image outputs; {', '.join(collected)} holds every "
                              "image in one file: run without it")

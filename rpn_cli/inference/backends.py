@@ -19,7 +19,10 @@ from ..io.files import file_sha256
 from ..weights import DEFAULT_CHECKPOINT, DEFAULT_INT8
 
 BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
-EXPORTED_SUFFIXES = (".onnx", ".pt", ".torchscript", ".ts")
+# Exported files are told apart from our .safetensors checkpoints, and from each other, by suffix.
+ONNX_SUFFIXES = (".onnx",)
+TORCHSCRIPT_SUFFIXES = (".pt", ".torchscript", ".ts")
+EXPORTED_SUFFIXES = ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES
 
 
 def onnxruntime_available() -> bool:
@@ -40,10 +43,17 @@ def resolve_backend(name: str, device: torch.device, precision: str, checkpoint:
     """``torch``, ``onnxruntime`` or ``onnxruntime-int8`` for ``--backend NAME``. ``auto`` on a CPU, with
     ``--precision auto``: int8 when the checkpoint has one (:func:`int8_model_for`); else, for float32, ONNX
     Runtime on a CPU without native bfloat16 when the ``onnx`` extra is installed; else PyTorch.
-    Exported files run on what they are."""
+    Exported files run on what they are, as they were exported: another backend or precision asked of one
+    is refused."""
     if name not in BACKENDS:
         raise UsageError(f"--backend {name}: choose from {', '.join(BACKENDS)}")
     exported = checkpoint.suffix in EXPORTED_SUFFIXES
+    if exported:
+        runs_in, engine = ("onnxruntime", "ONNX Runtime") if checkpoint.suffix in ONNX_SUFFIXES else ("torch", "PyTorch")
+        if name not in ("auto", runs_in, "onnxruntime-int8"):
+            raise UsageError(f"{checkpoint}: an exported file runs in {engine}, not --backend {name}")
+        if precision not in ("auto", "float32"):
+            raise UsageError(f"{checkpoint}: an exported file runs as it was exported, not in --precision {precision}")
     if name in ("onnxruntime", "onnxruntime-int8"):
         if precision not in ("auto", "float32"):
             raise UsageError(f"--backend {name} runs {'int8' if name.endswith('int8') else 'float32'}, "

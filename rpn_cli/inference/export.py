@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -12,9 +14,10 @@ import torch
 
 from ..errors import UsageError
 from ..io.checkpoint import METADATA_KEY, load_checkpoint
-from ..io.files import atomic_write_bytes
+from ..io.files import atomic_write_bytes, check_destination
 from ..model.network import RegionProposalNetwork
 from ..model.spec import ModelSpec
+from .backends import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES
 from .quantize import DEFAULT_PERCENTILE, check_calibration_method, quantize_onnx
 
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
@@ -53,6 +56,9 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
     Returns the number of calibration photos used (0 for the float formats)."""
     if export_format not in EXPORT_FORMATS:
         raise UsageError(f"--format {export_format}: choose from {', '.join(EXPORT_FORMATS)}")
+    check_destination(Path(destination), TORCHSCRIPT_SUFFIXES if export_format == "torchscript" else ONNX_SUFFIXES,
+                      f"an {export_format} export" if export_format.startswith("onnx") else "a TorchScript export",
+                      [Path(checkpoint)])
     if export_format == "onnx-int8":
         if not calibration:
             raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")
@@ -88,7 +94,7 @@ def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destinatio
     batch, height, width = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
 
     def write(tmp: str) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_logger("torch.fx.experimental.symbolic_shapes"):
             program = torch.onnx.export(
                 wrapper, (example,), input_names=["images"], output_names=_output_names(spec),
                 dynamic_shapes={"images": {0: batch, 2: height, 3: width}}, dynamo=True, verbose=False,
@@ -99,3 +105,17 @@ def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destinatio
         onnx.save(proto, tmp)
 
     atomic_write_bytes(destination, write)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """PyTorch's shape solver logs, as warnings with tracebacks, inequalities about the dynamic image size
+    it cannot simplify (seen with the resnet50-c4 trunk); the export is right all the same, and a library
+    stays quiet."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

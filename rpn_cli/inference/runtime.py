@@ -19,13 +19,16 @@ from ..io.checkpoint import METADATA_KEY, load_checkpoint, read_spec
 from ..model.folding import fold_batchnorm
 from ..model.network import LevelOutput, flatten_outputs
 from ..model.spec import ModelSpec
-from .backends import int8_model_for, onnx_cache_path, resolve_backend
+from .backends import (
+    ONNX_SUFFIXES,
+    TORCHSCRIPT_SUFFIXES,
+    int8_model_for,
+    onnx_cache_path,
+    resolve_backend,
+)
 from .devices import PRECISION_DTYPES, resolve_precision
 from .export import export_model
 from .quantize import QUANTIZATION_KEY
-
-ONNX_SUFFIXES = (".onnx",)
-TORCHSCRIPT_SUFFIXES = (".pt", ".torchscript", ".ts")
 
 
 class ExportedRegionProposalNetwork:
@@ -139,9 +142,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", precision: 
     """
     path = Path(path)
     device = torch.device(device)
+    chosen = resolve_backend(backend, device, precision, path)
     if path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
         return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)
-    chosen = resolve_backend(backend, device, precision, path)
     if chosen == "onnxruntime-int8":
         read_spec(path)
         int8 = int8_model_for(path)

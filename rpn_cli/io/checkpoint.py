@@ -39,7 +39,8 @@ def read_spec(path: str | Path) -> ModelSpec:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable .safetensors checkpoint ({_first_line(error)})") from error
+        raise CheckpointError(f"{path}: not a readable .safetensors checkpoint ({_first_line(error)})"
+                              f"{_what_it_is_instead(path)}") from error
     if METADATA_KEY not in metadata:
         raise CheckpointError(f"{path}: a safetensors file without an rpn model description")
     try:
@@ -87,6 +88,15 @@ def _check_exists(path: Path) -> None:
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint")
+
+
+def _what_it_is_instead(path: Path) -> str:
+    """A hint for the files users most often give in place of a checkpoint of ours."""
+    if path.suffix == ".onnx":
+        return "; an ONNX export runs with rpn propose or rpn eval --checkpoint, not here"
+    if zipfile.is_zipfile(path):
+        return "; a PyTorch file: rpn convert imports a Faster R-CNN state dict into a checkpoint"
+    return ""
 
 
 def _first_line(error: BaseException) -> str:

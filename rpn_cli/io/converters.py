@@ -37,11 +37,13 @@ from ..model.spec import (
     seed_project_spec,
 )
 from .checkpoint import load_state_strict, read_torch_state_dict, save_checkpoint
+from .files import check_destination
 
 
 def convert_seed_project(source: str | Path, destination: str | Path) -> ModelSpec:
     """Import a seed-project state dict (``extractor.*``, ``rpn.conv1|score|loc.*``) into our format."""
     source = Path(source)
+    check_destination(Path(destination), (".safetensors",), "a checkpoint of ours", [source])
     spec = seed_project_spec()
     spec.provenance = {"converted_from": str(source), "source_format": "seed-project",
                        "note": "anchors in the seed project's transposed x/y order; RGB/255 input, no mean"}
@@ -142,6 +144,7 @@ def _torchvision_key(key: str) -> str:
 def convert_torchvision(source: str | Path, destination: str | Path, arch: str) -> ModelSpec:
     """Import a torchvision Faster R-CNN state dict (backbone, FPN and RPN; the ROI heads are ignored)."""
     source = Path(source)
+    check_destination(Path(destination), (".safetensors",), "a checkpoint of ours", [source])
     spec = torchvision_spec(arch)
     spec.provenance = {"converted_from": str(source), "source_format": "torchvision", "arch": arch}
     state = _current_torchvision_layout(read_torch_state_dict(source))

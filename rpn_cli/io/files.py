@@ -6,8 +6,9 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
-from ..errors import OutputError
+from ..errors import OutputError, UsageError
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -17,7 +18,7 @@ def atomic_write_bytes(path: Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
+        raise OutputError(f"{path}: cannot write ({_why_unwritable(path, error)})") from error
     os.close(fd)
     try:
         write(tmp)
@@ -29,6 +30,41 @@ def atomic_write_bytes(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s folders that exists but is no folder (a file): nothing can be written under it."""
+    for folder in reversed(Path(path).parents):
+        if folder.exists() and not folder.is_dir():
+            return folder
+    return None
+
+
+def check_writable_under(path: Path) -> None:
+    """Raise :class:`OutputError` before any work when a file stands where a folder of ``path`` should be."""
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        raise OutputError(f"{path}: cannot write ({blocking} is a file, not a folder)")
+
+
+def _why_unwritable(path: Path, error: OSError) -> str:
+    """What stops ``path`` being written: a file where a folder of its path should be (mkdir reports that
+    as "File exists", which misleads), else the system's reason."""
+    blocking = file_in_the_way(path)
+    return f"{blocking} is a file, not a folder" if blocking is not None else error.strerror or str(error)
+
+
+def check_destination(destination: Path, suffixes: Sequence[str], what: str, inputs: Sequence[Path] = ()) -> None:
+    """Refuse, before any work, to write ``what`` to ``destination`` where rpn could not read it back
+    (readers go by the suffix: one of ``suffixes``), where it would replace one of ``inputs``, or where
+    a file stands in place of one of its folders."""
+    if destination.suffix not in suffixes:
+        named = " or ".join((", ".join(suffixes[:-1]), suffixes[-1]) if len(suffixes) > 1 else suffixes)
+        raise UsageError(f"{destination}: {what} is written to a {named} file (rpn tells files apart by their suffix)")
+    check_writable_under(destination)
+    for source in inputs:
+        if destination.exists() and source.exists() and os.path.samefile(destination, source):
+            raise UsageError(f"{destination}: that is the file being read ({source}); write to another")
 
 
 def _current_umask() -> int:

@@ -70,6 +70,9 @@ def read_manifest(path: str | Path, column: str | None = None) -> list[str]:
     from ..errors import UsageError
 
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: a folder, not a manifest (a text, CSV or Parquet file listing images); "
+                         "give a folder as an input instead")
     if not path.is_file():
         raise UsageError(f"{path}: no such manifest")
     try:

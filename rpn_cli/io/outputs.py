@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..errors import OutputError, UsageError
 from ..model.proposals import ImageProposals
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_writable_under
 from .images import load_image
 from .inputs import InputImage
 from .results import ImageResult
@@ -107,7 +107,9 @@ def remove_stale_temporaries(out_dir: Path) -> int:
 
 def output_plan(out: Path, formats: list[str]) -> tuple[list[str], dict[str, Path]]:
     """(per-image formats, {collected format: its file}) for ``--out OUT``. OUT is a folder, or one
-    file (``.json``, ``.pkl``) when a single format writes one file: ``json`` then holds one array."""
+    file (``.json``, ``.pkl``) when a single format writes one file: ``json`` then holds one array.
+    Refused before any image is read: an OUT that no file can be written under."""
+    check_writable_under(out)
     if out.suffix.lower() in SINGLE_FILE_SUFFIXES and not out.is_dir():
         if len(formats) != 1 or formats[0] not in ("json", *COLLECTED_NAMES):
             raise UsageError(f"--out {out} is one file: give one --format that writes one file "
@@ -116,6 +118,8 @@ def output_plan(out: Path, formats: list[str]) -> tuple[list[str], dict[str, Pat
         if out.suffix.lower() != wanted:
             raise UsageError(f"--out {out}: --format {formats[0]} writes a {wanted} file")
         return [], {formats[0]: out}
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: a file, where --format {','.join(formats)} writes into a folder")
     return ([f for f in formats if f in PER_IMAGE_SUFFIXES],
             {f: out / COLLECTED_NAMES[f] for f in formats if f in COLLECTED_NAMES})
 

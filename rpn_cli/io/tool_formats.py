@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UsageError
+from ..errors import DataError
 
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 # detectron2's BoxMode.XYXY_ABS
@@ -34,20 +34,20 @@ def default_image_ids(images: Sequence[str]) -> dict[str, int]:
 
 def image_ids_from_annotations(annotation_file: Path, images: Sequence[str]) -> dict[str, int]:
     """The ids a COCO annotation file gives ``images``, matched by path (relative to the file's
-    ``images/`` folder or as written), else by file name. Raises :class:`UsageError` naming an image
-    the file does not list."""
+    ``images/`` folder or as written), else by file name. Raises :class:`DataError` (an annotation file
+    that cannot be used) for a file that is not such a COCO file, or naming an image the file does not list."""
     try:
         data = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
         entries = [(str(entry["file_name"]), entry["id"]) for entry in data["images"]]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UsageError(f"{annotation_file}: not a COCO file with images (id, file_name) ({error})") from error
+        raise DataError(f"{annotation_file}: not a COCO file with images (id, file_name) ({error})") from error
     by_path = {os.path.normpath(name): image_id for name, image_id in entries}
     by_name = {os.path.basename(name): image_id for name, image_id in entries}
     ids = {}
     for image in images:
         image_id = by_path.get(os.path.normpath(image), by_name.get(os.path.basename(image)))
         if image_id is None:
-            raise UsageError(f"{image}: not among the images of {annotation_file}")
+            raise DataError(f"{image}: not among the images of {annotation_file}")
         ids[image] = image_id
     return ids
 

@@ -203,6 +203,20 @@ def test_anchors_of_a_checkpoint_over_an_image(checkpoint, tmp_path):
         assert min(picture.size) == 256  # drawn on the image as the checkpoint resizes it
 
 
+def test_anchors_refuses_options_it_would_ignore_and_prints_nothing_before_an_error(checkpoint, tmp_path):
+    cases = [
+        (["-c", str(checkpoint), "--ratios", "1"], 2, "--ratios: not with --checkpoint"),
+        (["-c", str(checkpoint), "--scales", "4", "--stride", "8"], 2, "--scales, --stride: not with --checkpoint"),
+        (["--image", str(SAMPLE_FILES[0])], 2, "--image: the grid is drawn over it in a PNG; name that file with --out"),
+        (["--image", str(tmp_path / "none.jpg"), "--out", str(tmp_path / "g.png")], 4, "none.jpg"),
+    ]
+    for args, code, message in cases:
+        result = runner.invoke(cli.app, ["anchors", *args])
+        assert result.exit_code == code and message in result.stderr, (args, result.output)
+        assert result.stdout == "" and result.stderr.count("\n") == 1
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_info_prints_description_and_parameters(checkpoint):
     result = runner.invoke(cli.app, ["info", str(checkpoint), "--json"])
     assert result.exit_code == 0

@@ -85,6 +85,9 @@ def hostile(tmp_path_factory, small_checkpoint):
     (folder / "out-linked" / "sub").symlink_to(folder / "outside", target_is_directory=True)
     (folder / "pngs").mkdir()
     Image.open(SAMPLE).save(folder / "pngs" / "photo.png")
+    shutil.copy(small_checkpoint, folder / "mine.safetensors")
+    torch.save({"weight": torch.zeros(2)}, folder / "state.pth")
+    (folder / "export.onnx").write_bytes(b"not an ONNX model")
     return folder
 
 
@@ -126,6 +129,17 @@ CASES = [
      "Invalid value for '--max-pixels'"),
     ("symlinked folder inside --out", ["propose", "{d}/inputs", "-r", "--out", "{d}/out-linked", "-c", "{c}"], 2,
      "out-linked/sub: a symbolic link inside --out"),
+    ("manifest is a folder", ["propose", "--manifest", "{d}/inputs", "-c", "{c}"], 2, "a folder, not a manifest"),
+    ("--out under a file", ["propose", "{d}/photo.jpg", "-c", "{c}", "--out", "{d}/photo.jpg/x.json"], 6,
+     "photo.jpg is a file, not a folder"),
+    ("info: a PyTorch state dict", ["info", "{d}/state.pth"], 3, "a PyTorch file: rpn convert imports"),
+    ("info: an ONNX file", ["info", "{d}/export.onnx"], 3, "an ONNX export runs with rpn propose or rpn eval"),
+    ("export: the checkpoint alone", ["export", "{d}/mine.safetensors"], 2, "a checkpoint is what rpn export reads"),
+    ("export: over its checkpoint", ["export", "{d}/mine.safetensors", "{d}/mine.safetensors"], 2,
+     "an onnx export is written to a .onnx file"),
+    ("convert: over its source", ["convert", "{d}/state.pth", "{d}/state.pth"], 2,
+     "a checkpoint of ours is written to a .safetensors file"),
+    ("anchors: ratios beside a checkpoint", ["anchors", "-c", "{c}", "--ratios", "1"], 2, "--ratios: not with --checkpoint"),
     ("overlay would replace its input", ["propose", "{d}/pngs", "--out", "{d}/pngs", "--format", "png", "-c", "{c}"],
      2, "would replace the input"),
     *[(f"TorchScript without opt-in: {command[0]}", [*command], 3, message) for command, message in (

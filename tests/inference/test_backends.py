@@ -1,5 +1,6 @@
 """ONNX Runtime as a backend: the same proposals as PyTorch, built once into the cache, chosen by auto."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,23 @@ def test_the_shipped_int8_model_goes_with_the_shipped_checkpoints_bytes(tmp_path
         backends.resolve_backend("onnxruntime-int8", CUDA, "auto", OURS)
     with pytest.raises(UsageError, match="runs int8, not --precision float16"):
         backends.resolve_backend("onnxruntime-int8", CPU, "float16", OURS)
+
+
+@pytest.mark.parametrize("checkpoint, backend, precision, refusal", [
+    (EXPORTED, "torch", "auto", "model.onnx: an exported file runs in ONNX Runtime, not --backend torch"),
+    (Path("model.pt"), "onnxruntime", "auto", "model.pt: an exported file runs in PyTorch, not --backend onnxruntime"),
+    (EXPORTED, "auto", "bfloat16", "model.onnx: an exported file runs as it was exported, not in --precision bfloat16"),
+    (Path("model.ts"), "torch", "float16", "as it was exported, not in --precision float16"),
+    (EXPORTED, "onnxruntime-int8", "auto", "is for our .safetensors checkpoints"),
+])
+def test_an_exported_file_refuses_another_backend_or_precision(checkpoint, backend, precision, refusal):
+    with pytest.raises(UsageError, match=re.escape(refusal)):
+        backends.resolve_backend(backend, CPU, precision, checkpoint)
+
+
+def test_an_exported_file_runs_in_its_own_engine_when_asked_for_it():
+    assert backends.resolve_backend("onnxruntime", CPU, "float32", EXPORTED) == "onnxruntime"
+    assert backends.resolve_backend("torch", CPU, "auto", Path("model.pt")) == "torch"
 
 
 def test_explicit_backends_and_refusals(monkeypatch):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLES, run_rpn
+from conftest import SAMPLES, run_rpn, run_rpn_process
 from torchvision.models import detection
 from typer.testing import CliRunner
 
@@ -92,6 +92,48 @@ def test_propose_with_an_exported_file_gives_the_same_proposals(exported, name):
         np.testing.assert_allclose(ours["scores"], theirs["scores"], atol=1e-4)
         matched = np.isclose(np.array(ours["boxes"]), np.array(theirs["boxes"]), atol=0.02).all(axis=1)
         assert matched.mean() >= 0.98
+
+
+def _unchanged(path, before: bytes) -> bool:
+    return path.read_bytes() == before
+
+
+def test_an_export_never_replaces_its_checkpoint_or_lands_where_rpn_cannot_read_it(tmp_path, small_checkpoint):
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(small_checkpoint.read_bytes())
+    before = mine.read_bytes()
+    (tmp_path / "a-file").write_text("")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(mine)
+    cases = [
+        # One path that is a checkpoint: the destination was forgotten, not meant to be that file.
+        (["export", mine], 2, "a checkpoint is what rpn export reads"),
+        (["export", mine, mine], 2, "an onnx export is written to a .onnx file"),
+        (["export", mine, tmp_path / "m.txt"], 2, "an onnx export is written to a .onnx file"),
+        (["export", mine, tmp_path / "m.onnx", "--format", "torchscript"], 2, "a .pt, .torchscript or .ts file"),
+        (["export", mine, tmp_path / "m.pt", "--format", "onnx-int8", "--calibration", SAMPLES], 2,
+         "an onnx-int8 export is written to a .onnx file"),
+        # A destination that is the checkpoint under another name (a link to it).
+        (["export", mine, link], 2, "that is the file being read"),
+        # Refused before the export runs, in words that say why.
+        (["export", mine, tmp_path / "a-file" / "m.onnx"], 6, "a-file is a file, not a folder"),
+    ]
+    for args, code, message in cases:
+        result = run_rpn(*args)
+        assert result.returncode == code and message in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert _unchanged(mine, before) and link.resolve() == mine and not (tmp_path / "a-file").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "link.onnx", "mine.safetensors"]
+
+
+@pytest.mark.heavy
+def test_exporting_the_seed_trunk_prints_only_what_it_wrote(tmp_path):
+    # PyTorch's shape solver logs warnings with tracebacks while exporting this trunk: a process shows them.
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "seed.safetensors"
+    save_checkpoint(RegionProposalNetwork(seed_project_spec()), checkpoint)
+    result = run_rpn_process("export", checkpoint, tmp_path / "seed.onnx")
+    assert result.returncode == 0 and result.stderr == f"wrote {tmp_path / 'seed.onnx'} (onnx)\n", result.stderr
 
 
 def test_export_errors(tmp_path):

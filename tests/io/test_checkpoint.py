@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLES
+from conftest import SAMPLES, run_rpn
 from PIL import Image
 from seed_reference import SeedHead, seed_extractor, seed_rpn_proposals
 from torch import nn
 
-from rpn_cli.errors import CheckpointError
+from rpn_cli.errors import CheckpointError, UsageError
 from rpn_cli.inference.predict import proposals_for_batch
 from rpn_cli.io.checkpoint import load_checkpoint, read_spec, save_checkpoint
 from rpn_cli.io.converters import convert_seed_project
@@ -89,6 +89,24 @@ def test_seed_import_names_a_mis_shaped_key(tmp_path):
     torch.save(state, source)
     with pytest.raises(CheckpointError, match="missing key rpn.loc.weight"):
         convert_seed_project(source, tmp_path / "out.safetensors")
+
+
+def test_a_conversion_never_replaces_its_source(tmp_path):
+    state = {f"extractor.{k}": v for k, v in seed_extractor().state_dict().items()}
+    state.update({f"rpn.{k}": v for k, v in SeedHead().state_dict().items()})
+    source = tmp_path / "seed.pth"
+    torch.save(state, source)
+    before = source.read_bytes()
+    (tmp_path / "seed.safetensors").symlink_to(source)
+    with pytest.raises(UsageError, match=r"seed.pth: a checkpoint of ours is written to a .safetensors file"):
+        convert_seed_project(source, source)
+    with pytest.raises(UsageError, match=r"seed.safetensors: that is the file being read \(.*seed.pth\)"):
+        convert_seed_project(source, tmp_path / "seed.safetensors")
+    result = run_rpn("convert", source, source)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert source.read_bytes() == before
+    convert_seed_project(source, tmp_path / "converted.safetensors")
+    assert read_spec(tmp_path / "converted.safetensors").backbone.name == "resnet50-c4"
 
 
 def test_pickled_objects_are_refused(tmp_path):

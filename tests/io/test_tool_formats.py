@@ -150,12 +150,16 @@ def test_default_ids_and_one_file_outputs(tmp_path, small_checkpoint, capsys):
     assert status == 0 and not array.is_dir()
     assert [r["image"] for r in json.loads(array.read_text())] == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
     capsys.readouterr()
-    for arguments, message in (
-            (["--out", str(tmp_path / "x.json"), "--format", "png"], "is one file: give one --format"),
-            (["--out", str(tmp_path / "x.json"), "--format", "detectron2"], "writes a .pkl file"),
-            (["--out", str(tmp_path / "o"), "--format", "coco", "--image-ids", str(tmp_path / "none.json")],
+    (tmp_path / "other.json").write_text(json.dumps({"images": [{"id": 7, "file_name": "c.jpg"}]}))
+    for arguments, code, message in (
+            (["--out", str(tmp_path / "x.json"), "--format", "png"], 2, "is one file: give one --format"),
+            (["--out", str(tmp_path / "x.json"), "--format", "detectron2"], 2, "writes a .pkl file"),
+            # An annotation file that cannot be used: exit 5, as for rpn eval's.
+            (["--out", str(tmp_path / "o"), "--format", "coco", "--image-ids", str(tmp_path / "none.json")], 5,
              "none.json: not a COCO file"),
-            (["--out", str(tmp_path / "o"), "--format", "coco", "--skip-existing"], "--skip-existing resumes")):
+            (["--out", str(tmp_path / "o"), "--format", "coco", "--image-ids", str(tmp_path / "other.json")], 5,
+             f"{tmp_path / 'a.jpg'}: not among the images of {tmp_path / 'other.json'}"),
+            (["--out", str(tmp_path / "o"), "--format", "coco", "--skip-existing"], 2, "--skip-existing resumes")):
         status = cli.app.run(["propose", str(tmp_path), "-c", str(small_checkpoint), *arguments])
         error = capsys.readouterr().err
-        assert status == 2 and error.count("\n") == 1 and message in error, error
+        assert status == code and error.count("\n") == 1 and message in error, error
