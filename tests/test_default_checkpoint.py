@@ -52,6 +52,20 @@ def test_it_loads_with_its_provenance(default_checkpoint):
         earlier = earlier.get("initialised_from")
 
 
+def test_info_summarises_its_provenance_a_line_an_entry(default_checkpoint):
+    provenance = load_checkpoint(default_checkpoint).spec.provenance
+    lines = CliRunner().invoke(cli.app, ["info", str(default_checkpoint)]).stdout.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("provenance"))
+    entries = lines[start:start + len(provenance)]
+    assert [line[13:].split(":")[0] for line in entries] == list(provenance)
+    assert entries[0] == f"provenance   command: {provenance['command']}"  # text whole
+    assert f"             history: {len(provenance['history'])} items" in entries  # records counted
+    assert f"             validation_images: {len(provenance['validation_images'])} items" in entries
+    assert f"AR@100 {provenance['validation']['AR@100']:.4g}, " in next(e for e in entries if "validation: " in e)
+    assert lines[start + len(provenance)].strip() == "(rpn info --json prints all of it)"
+    assert max(len(line) for line in lines) < 1000  # the whole history was one 13,000-character line
+
+
 @pytest.mark.parametrize("sample", sorted(HAND_MADE))
 def test_best_proposals_cover_the_obvious_object(default_checkpoint, sample):
     model = load_checkpoint(default_checkpoint)

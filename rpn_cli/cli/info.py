@@ -46,4 +46,19 @@ def info(
         console.print(f"level {number}      stride {level.stride}, {len(level.anchors)} anchors")
     console.print(f"preprocess   {json.dumps(description['preprocess'])}")
     console.print(f"proposals    {json.dumps(description['proposals'])}")
-    console.print(f"provenance   {json.dumps({k: v for k, v in spec.provenance.items() if k != 'history'})}", soft_wrap=True)
+    for number, (key, value) in enumerate(spec.provenance.items()):
+        label = "provenance" if number == 0 else ""
+        console.print(f"{label:<12} {key}: {_summary(value)}", soft_wrap=True, markup=False)
+    if spec.provenance:
+        console.print(f"{'':<12} (rpn info --json prints all of it)", markup=False)
+
+
+def _summary(value) -> str:
+    """One readable line for a provenance entry: text and numbers whole, figures rounded, long lists and
+    nested records counted (a trained checkpoint's history runs to thousands of characters)."""
+    if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    text = json.dumps(value)
+    if isinstance(value, str) or len(text) <= 100:
+        return value if isinstance(value, str) else text
+    return f"{len(value)} {'items' if isinstance(value, list) else 'entries'}"
