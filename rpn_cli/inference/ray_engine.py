@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
-from ..errors import ImageError, UsageError
-from ..io.files import atomic_write_bytes
+from ..errors import ImageError, OutputError, UsageError
+from ..io.files import atomic_write_bytes, check_writable_under
 from ..io.inputs import InputImage
 
 if TYPE_CHECKING:  # the driver need not import torch
@@ -143,7 +143,13 @@ def propose_with_ray(
     ray = _import_ray()
     if output_format not in ("jsonl", "parquet"):
         raise UsageError(f"--engine ray writes jsonl or parquet, not {output_format}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_under(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir}: a file, where --engine ray writes its shards into a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{out_dir}: cannot write ({error.strerror or error})") from error
     summary = RayRunSummary()
     started = time.perf_counter()
     if skip_existing:

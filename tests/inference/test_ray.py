@@ -146,3 +146,13 @@ def test_a_killed_ray_worker_is_replaced_and_every_record_is_written_once(tmp_pa
     assert sorted(r["image"] for r in records) == sorted(expected)  # every image once: none lost, none twice
     for record in records:
         assert_records_close(record, expected[record["image"]])
+
+
+def test_an_out_that_is_a_file_is_refused_before_ray_starts(tmp_path, small_checkpoint):
+    (tmp_path / "taken").write_text("")
+    for out, message in ((tmp_path / "taken", "a file, where --engine ray writes its shards into a folder"),
+                         (tmp_path / "taken" / "shards", "taken is a file, not a folder")):
+        result = run_rpn("propose", SAMPLES / "chelsea.jpg", "-c", small_checkpoint, "--engine", "ray",
+                         "--out", out)
+        assert result.returncode == 6 and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
