@@ -131,19 +131,21 @@ class ExportedRegionProposalNetwork:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", precision: str = "float32", *,
-               trust_torchscript: bool = False, backend: str = "torch"):
+               trust_torchscript: bool = False, backend: str | None = None):
     """Our ``.safetensors`` checkpoint, or an exported ``.onnx`` / TorchScript file, ready to propose.
 
     ``precision`` (see :func:`rpn_cli.devices.resolve_precision`) applies to our checkpoints;
-    exported files run as they were exported (float32). ``backend`` (:mod:`rpn_cli.backends`):
+    exported files run as they were exported (float32, or int8). ``backend`` (:mod:`rpn_cli.backends`):
     ``torch``, ``onnxruntime`` (our checkpoint's ONNX export, built once into the cache folder) or
-    ``auto``. TorchScript files (by suffix) can run code on loading: they are refused unless
+    ``auto``; None: PyTorch for our checkpoints, an exported file's own engine for it (another one asked
+    of an exported file is refused). TorchScript files (by suffix) can run code on loading: they are refused unless
     ``trust_torchscript``; safetensors and ONNX files carry no code.
     """
     path = Path(path)
     device = torch.device(device)
-    chosen = resolve_backend(backend, device, precision, path)
-    if path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
+    exported = path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES
+    chosen = resolve_backend(backend or ("auto" if exported else "torch"), device, precision, path)
+    if exported:
         return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)
     if chosen == "onnxruntime-int8":
         read_spec(path)
