@@ -18,11 +18,13 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpn_cli import Proposer  # noqa: E402
-from rpn_cli.errors import UsageError  # noqa: E402
+from rpn_cli.errors import RpnError  # noqa: E402
 from rpn_cli.evaluation.recall import average_recall_report, proposals_from_model  # noqa: E402
 from rpn_cli.io.datasets import AnnotatedImage, load_unlabeled  # noqa: E402
 from rpn_cli.io.images import load_image  # noqa: E402
@@ -40,7 +42,7 @@ def teacher_truth(images: list[AnnotatedImage], teacher: YoloxTeacher, threshold
         boxes, _ = teacher.boxes(picture, score_threshold=threshold)
         areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype("float64")
         labelled.append(AnnotatedImage(image.path, picture.width, picture.height, image.image_id, boxes,
-                                       crowd=areas < 0, areas=areas))
+                                       crowd=np.zeros(len(boxes), bool), areas=areas))
     return labelled
 
 
@@ -59,7 +61,9 @@ def main() -> None:
         sys.exit(f"{args.trained_on}: no such folder (the photos the checkpoints were trained on)")
     try:
         teacher = YoloxTeacher(args.teacher)
-    except UsageError as error:
+        proposers = {path: Proposer(path, device="cpu", precision=args.precision)
+                     for path in args.checkpoint or [DEFAULT_CHECKPOINT]}
+    except RpnError as error:
         sys.exit(str(error))
     sets = {f"trained on ({args.trained_on.name})": teacher_truth(load_unlabeled(args.trained_on), teacher,
                                                                   args.threshold),
@@ -70,13 +74,12 @@ def main() -> None:
           "AR@100 small / medium / large |")
     print("|---|---|---|---|---|---|---|---|---|")
     figures = {}
-    for checkpoint in args.checkpoint or [DEFAULT_CHECKPOINT]:
-        proposer = Proposer(checkpoint, device="cpu", precision=args.precision)
+    for checkpoint, proposer in proposers.items():
         for name, images in sets.items():
             report = average_recall_report(images, proposals_from_model(proposer, images), (10, 100, 300))
             boxes = sum(len(image.boxes) for image in images)
-            figures[f"{checkpoint.name}, {name}"] = {**report, "images": len(images), "boxes": boxes}
-            print(f"| {checkpoint.name} | {name}: {len(images)} | {boxes} | {report['AR@10']:.3f} | "
+            figures[f"{checkpoint}, {name}"] = {**report, "images": len(images), "boxes": boxes}
+            print(f"| {checkpoint} | {name}: {len(images)} | {boxes} | {report['AR@10']:.3f} | "
                   f"{report['AR@100']:.3f} | {report['AR@300']:.3f} | {report['R@0.5@300']:.3f} | "
                   f"{report['R@0.7@300']:.3f} | {report['AR@100_small']:.3f} / {report['AR@100_medium']:.3f} / "
                   f"{report['AR@100_large']:.3f} |")

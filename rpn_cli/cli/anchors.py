@@ -34,6 +34,7 @@ def anchors(
     from rich.table import Table
 
     from ..io.checkpoint import read_spec
+    from ..io.files import check_writable_under
     from ..io.images import load_image
     from ..io.outputs import save_png
     from ..io.visualize import draw_anchors
@@ -44,6 +45,8 @@ def anchors(
     try:
         if image is not None and out is None:
             raise UsageError("--image: the grid is drawn over it in a PNG; name that file with --out")
+        if out is not None:
+            check_writable_under(out)
         if checkpoint is not None:
             given = [name for name, value in (("--ratios", ratios), ("--scales", scales), ("--stride", stride))
                      if value is not None]
@@ -52,7 +55,9 @@ def anchors(
             spec = read_spec(checkpoint)
             levels, offset, preprocess = spec.levels, spec.anchor_offset, spec.preprocess
         else:
-            ratios, scales, stride = ratios or "0.5,1,2", scales or "8,16,32", stride or 16
+            ratios = "0.5,1,2" if ratios is None else ratios
+            scales = "8,16,32" if scales is None else scales
+            stride = 16 if stride is None else stride
             ratio_values, scale_values = parse_floats(ratios, "--ratios"), parse_floats(scales, "--scales")
             shapes = anchor_shapes(stride, ratio_values, scale_values)
             if not torch.isfinite(shapes).all() or (shapes[:, 2:] - shapes[:, :2]).min() <= 0:

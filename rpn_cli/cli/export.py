@@ -32,7 +32,11 @@ def export(
     The file keeps the model description in its metadata, so `rpn propose --checkpoint FILE` runs it
     with the same proposal layer.
     """
-    from ..inference.export import export_model
+    from ..inference.export import (
+        check_export_destination,
+        export_model,
+        export_suffixes,
+    )
     from ..io.inputs import expand_inputs
 
     try:
@@ -41,7 +45,9 @@ def export(
         checkpoint, destination = (None, paths[0]) if len(paths) == 1 else paths
         if checkpoint is None and destination.suffix == ".safetensors":
             raise UsageError(f"{destination}: a checkpoint is what rpn export reads; name the file to write "
-                             f"after it: rpn export {destination} model.onnx")
+                             f"after it: rpn export {destination} model{export_suffixes(export_format)[0]}")
+        checkpoint = checkpoint_or_default(checkpoint)
+        check_export_destination(checkpoint, destination, export_format)
         # Only the options given reach export_model, whose defaults are the documented ones.
         tuning = {"calibration_count": calibration_count, "calibration_method": calibration_method,
                   "calibration_percentile": calibration_percentile}
@@ -59,7 +65,7 @@ def export(
                 photos.append(Path(item.given))
         if calibration and not photos:
             raise UsageError("no readable calibration photos")
-        used = export_model(checkpoint_or_default(checkpoint), destination, export_format, calibration=photos,
+        used = export_model(checkpoint, destination, export_format, calibration=photos,
                             on_skipped=_warn_skipped, **{key: value for key, value in tuning.items() if value is not None})
     except RpnError as error:
         fail(error)

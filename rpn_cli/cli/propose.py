@@ -141,6 +141,7 @@ def propose(
 def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, precision, top_k, max_pixels,
              skip_existing, quiet, trust_torchscript, overrides) -> None:
     """``rpn propose --engine ray``: always ends the command (exit 0, or 1 when an image failed)."""
+    import torch
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -149,12 +150,15 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
         TimeElapsedColumn,
     )
 
+    from ..inference.backends import resolve_backend
     from ..inference.ray_engine import propose_with_ray
     from ..inference.runtime import load_model
 
     if out is None:
         raise UsageError("--engine ray writes shards into a folder: give --out")
     path = checkpoint_or_default(checkpoint)
+    # What the actors will ask of the file (an exported one runs only as exported), before Ray starts.
+    resolve_backend("auto", torch.device("cpu"), precision, path)
     spec = load_model(path, "cpu", trust_torchscript=trust_torchscript).spec
     spec.proposal_settings(**overrides)  # limits checked here, before Ray starts
     with Progress(TextColumn("ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

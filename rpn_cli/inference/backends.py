@@ -50,7 +50,7 @@ def resolve_backend(name: str, device: torch.device, precision: str, checkpoint:
     exported = checkpoint.suffix in EXPORTED_SUFFIXES
     if exported:
         runs_in, engine = ("onnxruntime", "ONNX Runtime") if checkpoint.suffix in ONNX_SUFFIXES else ("torch", "PyTorch")
-        if name not in ("auto", runs_in, "onnxruntime-int8"):
+        if name not in ("auto", runs_in, "onnxruntime-int8"):  # int8's own refusal, below, says more
             raise UsageError(f"{checkpoint}: an exported file runs in {engine}, not --backend {name}")
         if precision not in ("auto", "float32"):
             raise UsageError(f"{checkpoint}: an exported file runs as it was exported, not in --precision {precision}")

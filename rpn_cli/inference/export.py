@@ -46,6 +46,19 @@ def _example_input(spec: ModelSpec) -> torch.Tensor:
     return torch.zeros(1, 3, size, size + size // 3)
 
 
+def export_suffixes(export_format: str) -> tuple[str, ...]:
+    """The suffixes a file of ``export_format`` may have: rpn tells exported files apart by them."""
+    if export_format not in EXPORT_FORMATS:
+        raise UsageError(f"--format {export_format}: choose from {', '.join(EXPORT_FORMATS)}")
+    return TORCHSCRIPT_SUFFIXES if export_format == "torchscript" else ONNX_SUFFIXES
+
+
+def check_export_destination(checkpoint: str | Path, destination: str | Path, export_format: str) -> None:
+    """Refuse, before any work, a ``destination`` rpn could not read back or that is ``checkpoint``."""
+    what = "a TorchScript export" if export_format == "torchscript" else f"an {export_format} export"
+    check_destination(Path(destination), export_suffixes(export_format), what, [Path(checkpoint)])
+
+
 def export_model(checkpoint: str | Path, destination: str | Path, export_format: str, *,
                  calibration: Sequence[Path] = (), calibration_count: int = 200,
                  calibration_method: str = "percentile", calibration_percentile: float = DEFAULT_PERCENTILE,
@@ -54,11 +67,7 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
     up to ``calibration_count`` of the ``calibration`` photos by ``calibration_method``, see
     :mod:`.quantize`) or TorchScript.
     Returns the number of calibration photos used (0 for the float formats)."""
-    if export_format not in EXPORT_FORMATS:
-        raise UsageError(f"--format {export_format}: choose from {', '.join(EXPORT_FORMATS)}")
-    check_destination(Path(destination), TORCHSCRIPT_SUFFIXES if export_format == "torchscript" else ONNX_SUFFIXES,
-                      f"an {export_format} export" if export_format.startswith("onnx") else "a TorchScript export",
-                      [Path(checkpoint)])
+    check_export_destination(checkpoint, destination, export_format)
     if export_format == "onnx-int8":
         if not calibration:
             raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")

@@ -143,9 +143,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", precision: 
     """
     path = Path(path)
     device = torch.device(device)
-    exported = path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES
-    chosen = resolve_backend(backend or ("auto" if exported else "torch"), device, precision, path)
-    if exported:
+    is_exported = path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES
+    chosen = resolve_backend(backend or ("auto" if is_exported else "torch"), device, precision, path)
+    if is_exported:
         return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)
     if chosen == "onnxruntime-int8":
         read_spec(path)

@@ -35,7 +35,8 @@ def atomic_write_bytes(path: Path, write) -> None:
 def file_in_the_way(path: Path) -> Path | None:
     """The first of ``path``'s folders that exists but is no folder (a file): nothing can be written under it."""
     for folder in reversed(Path(path).parents):
-        if folder.exists() and not folder.is_dir():
+        # os.path's checks answer False where Path.exists() raises (a folder the user may not enter).
+        if os.path.exists(folder) and not os.path.isdir(folder):
             return folder
     return None
 
@@ -62,6 +63,8 @@ def check_destination(destination: Path, suffixes: Sequence[str], what: str, inp
         named = " or ".join((", ".join(suffixes[:-1]), suffixes[-1]) if len(suffixes) > 1 else suffixes)
         raise UsageError(f"{destination}: {what} is written to a {named} file (rpn tells files apart by their suffix)")
     check_writable_under(destination)
+    if os.path.isdir(destination):
+        raise OutputError(f"{destination}: a folder; name the file to write")
     for source in inputs:
         if destination.exists() and source.exists() and os.path.samefile(destination, source):
             raise UsageError(f"{destination}: that is the file being read ({source}); write to another")

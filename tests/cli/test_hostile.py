@@ -88,6 +88,7 @@ def hostile(tmp_path_factory, small_checkpoint):
     shutil.copy(small_checkpoint, folder / "mine.safetensors")
     torch.save({"weight": torch.zeros(2)}, folder / "state.pth")
     (folder / "export.onnx").write_bytes(b"not an ONNX model")
+    (folder / "folder.onnx").mkdir()
     return folder
 
 
@@ -135,10 +136,13 @@ CASES = [
     ("info: a PyTorch state dict", ["info", "{d}/state.pth"], 3, "a PyTorch file: rpn convert imports"),
     ("info: an ONNX file", ["info", "{d}/export.onnx"], 3, "an ONNX export runs with rpn propose or rpn eval"),
     ("export: the checkpoint alone", ["export", "{d}/mine.safetensors"], 2, "a checkpoint is what rpn export reads"),
-    ("export: over its checkpoint", ["export", "{d}/mine.safetensors", "{d}/mine.safetensors"], 2,
+    ("export: to a checkpoint's name", ["export", "{d}/mine.safetensors", "{d}/mine.safetensors"], 2,
      "an onnx export is written to a .onnx file"),
     ("convert: over its source", ["convert", "{d}/state.pth", "{d}/state.pth"], 2,
      "a checkpoint of ours is written to a .safetensors file"),
+    ("export: to a folder", ["export", "{d}/mine.safetensors", "{d}/folder.onnx"], 6, "folder.onnx: a folder"),
+    ("anchors: empty ratios", ["anchors", "--ratios", ""], 2, "--ratios : expected positive numbers"),
+    ("anchors: --out under a file", ["anchors", "--out", "{d}/photo.jpg/a.png"], 6, "photo.jpg is a file, not a folder"),
     ("anchors: ratios beside a checkpoint", ["anchors", "-c", "{c}", "--ratios", "1"], 2, "--ratios: not with --checkpoint"),
     ("overlay would replace its input", ["propose", "{d}/pngs", "--out", "{d}/pngs", "--format", "png", "-c", "{c}"],
      2, "would replace the input"),

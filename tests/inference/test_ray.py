@@ -156,3 +156,13 @@ def test_an_out_that_is_a_file_is_refused_before_ray_starts(tmp_path, small_chec
                          "--out", out)
         assert result.returncode == 6 and message in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_an_exported_file_asked_for_another_precision_is_refused_before_ray_starts(tmp_path):
+    exported = tmp_path / "model.onnx"
+    exported.write_bytes(b"never read: the refusal comes first")
+    result = run_rpn("propose", SAMPLES / "chelsea.jpg", "-c", exported, "--engine", "ray", "--out", tmp_path / "o",
+                     "--precision", "bfloat16")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "an exported file runs as it was exported, not in --precision bfloat16" in result.stderr
+    assert not (tmp_path / "o").exists()
