@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from ..errors import ImageError, OutputError, UsageError
-from ..io.files import atomic_write_bytes, check_writable_under
+from ..io.files import atomic_write_bytes, check_writable_folder
 from ..io.inputs import InputImage
 
 if TYPE_CHECKING:  # the driver need not import torch
@@ -143,9 +143,7 @@ def propose_with_ray(
     ray = _import_ray()
     if output_format not in ("jsonl", "parquet"):
         raise UsageError(f"--engine ray writes jsonl or parquet, not {output_format}")
-    check_writable_under(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"--out {out_dir}: a file, where --engine ray writes its shards into a folder")
+    check_writable_folder(out_dir, "--engine ray writes its shards")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -20,8 +20,8 @@ from ..model.folding import fold_batchnorm
 from ..model.network import LevelOutput, flatten_outputs
 from ..model.spec import ModelSpec
 from .backends import (
+    EXPORTED_SUFFIXES,
     ONNX_SUFFIXES,
-    TORCHSCRIPT_SUFFIXES,
     int8_model_for,
     onnx_cache_path,
     resolve_backend,
@@ -143,7 +143,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", precision: 
     """
     path = Path(path)
     device = torch.device(device)
-    is_exported = path.suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES
+    is_exported = path.suffix in EXPORTED_SUFFIXES
     chosen = resolve_backend(backend or ("auto" if is_exported else "torch"), device, precision, path)
     if is_exported:
         return ExportedRegionProposalNetwork(path, device, trust_torchscript=trust_torchscript)

@@ -48,6 +48,14 @@ def check_writable_under(path: Path) -> None:
         raise OutputError(f"{path}: cannot write ({blocking} is a file, not a folder)")
 
 
+def check_writable_folder(folder: Path, writes: str) -> None:
+    """Raise :class:`OutputError` before any work when ``--out`` ``folder`` cannot be the folder that
+    ``writes`` (what goes into it, for the message) needs: it is a file, or a file stands in its path."""
+    check_writable_under(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OutputError(f"--out {folder}: a file, where {writes} into a folder")
+
+
 def _why_unwritable(path: Path, error: OSError) -> str:
     """What stops ``path`` being written: a file where a folder of its path should be (mkdir reports that
     as "File exists", which misleads), else the system's reason."""
@@ -66,7 +74,7 @@ def check_destination(destination: Path, suffixes: Sequence[str], what: str, inp
     if os.path.isdir(destination):
         raise OutputError(f"{destination}: a folder; name the file to write")
     for source in inputs:
-        if destination.exists() and source.exists() and os.path.samefile(destination, source):
+        if os.path.exists(destination) and os.path.exists(source) and os.path.samefile(destination, source):
             raise UsageError(f"{destination}: that is the file being read ({source}); write to another")
 
 

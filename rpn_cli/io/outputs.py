@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..errors import OutputError, UsageError
 from ..model.proposals import ImageProposals
-from .files import atomic_write_bytes, check_writable_under
+from .files import atomic_write_bytes, check_writable_folder, check_writable_under
 from .images import load_image
 from .inputs import InputImage
 from .results import ImageResult
@@ -118,8 +118,7 @@ def output_plan(out: Path, formats: list[str]) -> tuple[list[str], dict[str, Pat
         if out.suffix.lower() != wanted:
             raise UsageError(f"--out {out}: --format {formats[0]} writes a {wanted} file")
         return [], {formats[0]: out}
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: a file, where --format {','.join(formats)} writes into a folder")
+    check_writable_folder(out, f"--format {','.join(formats)} writes")
     return ([f for f in formats if f in PER_IMAGE_SUFFIXES],
             {f: out / COLLECTED_NAMES[f] for f in formats if f in COLLECTED_NAMES})
 
