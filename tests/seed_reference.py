@@ -134,6 +134,7 @@ def seed_rpn_proposals(image, extractor, rpn):
     size = (int(600 * long / short), 600) if image.width >= image.height else (600, int(600 * long / short))
     resized = image.resize(size, Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)[None]
+    x = x.to(next(extractor.parameters()).dtype)
     with torch.no_grad():
         features = extractor(x)
         hidden = torch.relu(rpn.conv1(features))

@@ -191,10 +191,10 @@ def parse_floats(text: str, option: str) -> list[float]:
 
 def note_first_onnx_build(checkpoint: Path, device: str, precision: str, backend: str, quiet: bool) -> None:
     """Say why the first run with ONNX Runtime pauses: it builds the export it then keeps."""
-    from ..inference.backends import onnx_cache_path, resolve_backend
+    from ..inference.backends import EXPORTED_SUFFIXES, onnx_cache_path, resolve_backend
     from ..inference.devices import resolve_device
 
-    if quiet or not checkpoint.is_file():
+    if quiet or not checkpoint.is_file() or checkpoint.suffix in EXPORTED_SUFFIXES:
         return
     if resolve_backend(backend, resolve_device(device), precision, checkpoint) != "onnxruntime":
         return

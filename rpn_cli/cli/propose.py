@@ -96,8 +96,8 @@ def propose(
 
         if engine == "ray":
             _run_ray(items, checkpoint=checkpoint, out=out, output_format=output_format, address=ray_address,
-                     actors=actors, device=device, precision=precision, top_k=top_k, max_pixels=max_pixels,
-                     skip_existing=skip_existing, quiet=quiet, trust_torchscript=trust_torchscript,
+                     actors=actors, device=device, precision=precision, backend=backend, top_k=top_k,
+                     max_pixels=max_pixels, skip_existing=skip_existing, quiet=quiet, trust_torchscript=trust_torchscript,
                      overrides=dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
                                     min_size=min_size, min_score=min_score, vote_iou=vote_iou))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
@@ -138,8 +138,8 @@ def propose(
     raise typer.Exit(code)
 
 
-def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, precision, top_k, max_pixels,
-             skip_existing, quiet, trust_torchscript, overrides) -> None:
+def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, precision, backend, top_k,
+             max_pixels, skip_existing, quiet, trust_torchscript, overrides) -> None:
     """``rpn propose --engine ray``: always ends the command (exit 0, or 1 when an image failed)."""
     import torch
     from rich.progress import (
@@ -158,7 +158,7 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
         raise UsageError("--engine ray writes shards into a folder: give --out")
     path = checkpoint_or_default(checkpoint)
     # What the actors will ask of the file (an exported one runs only as exported), before Ray starts.
-    resolve_backend("auto", torch.device("cpu"), precision, path)
+    resolve_backend(backend, torch.device("cpu"), precision, path)
     spec = load_model(path, "cpu", trust_torchscript=trust_torchscript).spec
     spec.proposal_settings(**overrides)  # limits checked here, before Ray starts
     with Progress(TextColumn("ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -172,7 +172,7 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
 
         summary = propose_with_ray(items, path, out, overrides, spec.preprocess, output_format=output_format or "jsonl",
                                    address=address or os.environ.get("RAY_ADDRESS"), device=device,
-                                   precision=precision, actors=actors, top_k=top_k, max_pixels=max_pixels,
+                                   precision=precision, backend=backend, actors=actors, top_k=top_k, max_pixels=max_pixels,
                                    skip_existing=skip_existing, progress=advance, trust_torchscript=trust_torchscript)
     if not quiet:
         err.print(f"{summary.images} images, {summary.proposals} proposals, {summary.failed} failed"

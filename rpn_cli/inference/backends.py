@@ -68,7 +68,9 @@ def resolve_backend(name: str, device: torch.device, precision: str, checkpoint:
         elif not exported and not onnxruntime_available():
             raise UsageError(f'--backend {name} needs the onnx extra: pip install "rpn-cli[onnx]"')
         return name
-    if name == "torch" or exported:
+    if exported:
+        return runs_in
+    if name == "torch":
         return "torch"
     if device.type == "cpu" and precision == "auto" and int8_model_for(checkpoint) is not None:
         return "onnxruntime-int8"

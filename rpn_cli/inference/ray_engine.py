@@ -93,12 +93,12 @@ def _decode(batch: dict, preprocess: PreprocessSpec, max_pixels: int | None) -> 
 class _ProposalActor:
     """One model per actor, loaded once; runs the network and the proposal layer on decoded images."""
 
-    def __init__(self, checkpoint: str, device: str, precision: str, limits: dict, top_k: int | None,
+    def __init__(self, checkpoint: str, device: str, precision: str, backend: str, limits: dict, top_k: int | None,
                  trust_torchscript: bool = False):
         from .proposer import Proposer
 
-        self.proposer = Proposer(checkpoint, device=device, precision=precision, trust_torchscript=trust_torchscript,
-                                 top_k=top_k, **limits)
+        self.proposer = Proposer(checkpoint, device=device, precision=precision, backend=backend,
+                                 trust_torchscript=trust_torchscript, top_k=top_k, **limits)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -130,6 +130,7 @@ def propose_with_ray(
     address: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    backend: str = "auto",
     actors: int | None = None,
     top_k: int | None = None,
     max_pixels: int | None = None,
@@ -173,7 +174,7 @@ def propose_with_ray(
                                       batch_size=4, num_cpus=1)
         dataset = dataset.map_batches(
             _ProposalActor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "device": device,
-                                                   "precision": precision, "limits": limits, "top_k": top_k,
+                                                   "precision": precision, "backend": backend, "limits": limits, "top_k": top_k,
                                                    "trust_torchscript": trust_torchscript},
             batch_size=4, concurrency=pool, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         )

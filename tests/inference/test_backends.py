@@ -22,7 +22,9 @@ OURS, EXPORTED = Path("model.safetensors"), Path("model.onnx")
     (False, False, CPU, "auto", OURS, "torch"),          # without the onnx extra
     (False, True, CUDA, "auto", OURS, "torch"),
     (False, True, CPU, "bfloat16", OURS, "torch"),       # asked for a precision ONNX Runtime does not run
-    (False, True, CPU, "auto", EXPORTED, "torch"),       # an exported file runs as what it is
+    (False, True, CPU, "auto", EXPORTED, "onnxruntime"), # an exported file runs as what it is
+    (True, True, CPU, "auto", Path("model.onnx"), "onnxruntime"),
+    (False, True, CPU, "auto", Path("model.ts"), "torch"),
 ])
 def test_auto_picks_by_the_cpus_features(monkeypatch, bfloat16, onnx_extra, device, precision, checkpoint, expected):
     monkeypatch.setattr(backends, "cpu_has_bfloat16", lambda: bfloat16)

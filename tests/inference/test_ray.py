@@ -93,12 +93,13 @@ def test_ray_manifest_and_parquet(folder, small_checkpoint, tmp_path):
     paths = sorted(p for p in folder.iterdir() if p.suffix == ".jpg")[:3]
     manifest.write_text("id,path\n" + "".join(f"{i},{p}\n" for i, p in enumerate(paths)))
     out = tmp_path / "parquet"
+    # --backend reaches the actors (they once chose auto whatever was asked).
     run = run_rpn("propose", "--manifest", manifest, "--engine", "ray", "--out", out, "--format", "parquet",
-                  "-c", small_checkpoint, "--actors", "1", "-q")
+                  "-c", small_checkpoint, "--actors", "1", "--backend", "torch", "-q")
     assert run.returncode == 0, run.stderr
     table = pyarrow.concat_tables([parquet.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
     assert sorted(table.column("image").to_pylist()) == [str(p) for p in paths]
-    local = run_rpn("propose", *paths, "-c", small_checkpoint, "-q", check=True)
+    local = run_rpn("propose", *paths, "-c", small_checkpoint, "--backend", "torch", "-q", check=True)
     expected = {r["image"]: r for r in map(json.loads, local.stdout.splitlines())}
     for row in table.to_pylist():
         assert_records_close({"image": row["image"], "boxes": row["boxes"], "scores": row["scores"]},
@@ -158,11 +159,15 @@ def test_an_out_that_is_a_file_is_refused_before_ray_starts(tmp_path, small_chec
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_an_exported_file_asked_for_another_precision_is_refused_before_ray_starts(tmp_path):
+@pytest.mark.parametrize("option, refusal", [
+    (("--precision", "bfloat16"), "an exported file runs as it was exported, not in --precision bfloat16"),
+    (("--backend", "torch"), "an exported file runs in ONNX Runtime, not --backend torch"),
+])
+def test_what_an_exported_file_cannot_do_is_refused_before_ray_starts(tmp_path, option, refusal):
     exported = tmp_path / "model.onnx"
     exported.write_bytes(b"never read: the refusal comes first")
     result = run_rpn("propose", SAMPLES / "chelsea.jpg", "-c", exported, "--engine", "ray", "--out", tmp_path / "o",
-                     "--precision", "bfloat16")
+                     *option)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "an exported file runs as it was exported, not in --precision bfloat16" in result.stderr
+    assert refusal in result.stderr
     assert not (tmp_path / "o").exists()
