@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
@@ -37,8 +38,8 @@ class ProposalSettings:
             raise UsageError("pre-NMS and post-NMS limits must be at least 1")
         if not 0.0 < self.nms_iou <= 1.0:
             raise UsageError(f"NMS IoU must be in (0, 1], got {self.nms_iou}")
-        if self.min_size < 0:
-            raise UsageError(f"min size must be >= 0, got {self.min_size}")
+        if not 0.0 <= self.min_size < math.inf:
+            raise UsageError(f"min size must be a number of pixels >= 0, got {self.min_size}")
         if not 0.0 <= self.min_score <= 1.0:
             raise UsageError(f"min score must be in [0, 1], got {self.min_score}")
         if not 0.0 <= self.vote_iou <= 1.0:

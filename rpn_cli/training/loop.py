@@ -125,6 +125,14 @@ class TrainConfig:
             raise UsageError(f"--box-loss {self.box_loss}: choose {' or '.join(BOX_LOSSES)}")
         if self.precision not in TRAINING_PRECISIONS:
             raise UsageError(f"--precision {self.precision}: choose {' or '.join(TRAINING_PRECISIONS)}")
+        if not 0 < self.learning_rate < math.inf:
+            raise UsageError(f"--lr {self.learning_rate}: expected a number above 0")
+        if not 0 <= self.box_loss_weight < math.inf:
+            raise UsageError(f"--box-loss-weight {self.box_loss_weight}: expected a number from 0 up")
+        if self.allowed_border is not None and not 0 <= self.allowed_border < math.inf:
+            # detectron2's -1 means "keep every anchor": here that is leaving the option out.
+            raise UsageError(f"--allowed-border {self.allowed_border}: expected a number of pixels from 0 up "
+                             "(leave it out to keep every anchor)")
         if self.clip_gradient_norm is not None and not self.clip_gradient_norm > 0:
             raise UsageError(f"--clip-gradient-norm {self.clip_gradient_norm}: expected a number above 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

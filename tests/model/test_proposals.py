@@ -86,6 +86,9 @@ def test_settings_validation():
         ProposalSettings(post_nms_top_n=0).validated()
     with pytest.raises(UsageError, match="voting IoU must be in"):
         ProposalSettings(vote_iou=1.5).validated()
+    for min_size in (-1.0, float("inf"), float("nan")):  # inf and nan would silently keep no box at all
+        with pytest.raises(UsageError, match="min size must be a number of pixels >= 0"):
+            ProposalSettings(min_size=min_size).validated()
 
 
 @pytest.fixture(scope="module")

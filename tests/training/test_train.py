@@ -384,7 +384,7 @@ def test_a_non_finite_gradient_behind_a_finite_loss_stops_the_run_before_the_ste
     assert not (tmp_path / "work" / "last.pt").exists() and not (tmp_path / "work" / "final.safetensors").exists()
 
 
-def test_a_run_with_an_unknown_box_loss_or_precision_is_refused_before_anything_is_written(tmp_path):
+def test_a_run_with_settings_no_run_can_have_is_refused_before_anything_is_written(tmp_path):
     from rpn_cli.errors import UsageError
 
     for options, message in (({"box_loss": "iou"}, "--box-loss iou: choose smooth-l1 or giou"),
@@ -392,7 +392,11 @@ def test_a_run_with_an_unknown_box_loss_or_precision_is_refused_before_anything_
                              ({"clip_gradient_norm": 0.0}, "--clip-gradient-norm 0.0: expected a number above 0"),
                              ({"clip_gradient_norm": float("nan")}, "--clip-gradient-norm nan: expected a number"),
                              ({"ema_decay": 1.0}, "--ema-decay 1.0: expected a number between 0 and 1"),
-                             ({"ema_decay": 0.0}, "--ema-decay 0.0: expected a number between 0 and 1")):
+                             ({"ema_decay": 0.0}, "--ema-decay 0.0: expected a number between 0 and 1"),
+                             ({"learning_rate": -1.0}, "--lr -1.0: expected a number above 0"),
+                             ({"learning_rate": float("inf")}, "--lr inf: expected a number above 0"),
+                             ({"box_loss_weight": float("nan")}, "--box-loss-weight nan: expected a number from 0"),
+                             ({"allowed_border": -2.0}, "--allowed-border -2.0: expected a number of pixels")):
         config = TrainConfig(sources=[], work_dir=str(tmp_path / "work"), **options)
         with pytest.raises(UsageError, match=message):
             train(config, _small_spec(), torch.device("cpu"))
