@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from .anchors import cached_grid_anchors
 from .backbones import build_backbone
 from .spec import ModelSpec
@@ -102,6 +102,24 @@ class RegionProposalNetwork(nn.Module):
     def forward(self, images: torch.Tensor) -> list[LevelOutput]:
         """images: (N, 3, H, W), preprocessed."""
         return flatten_outputs(self.spec, self.raw_outputs(images), tuple(images.shape[2:]))
+
+
+def deepened_head(model: RegionProposalNetwork, conv_depth: int) -> RegionProposalNetwork:
+    """``model`` with ``conv_depth`` 3x3 convolutions in its head, the added ones after its own, each
+    starting as the identity (a Dirac kernel, zero bias): their inputs are ReLU outputs, >= 0, which a
+    ReLU leaves as they are, so the deeper network computes exactly what ``model`` did and training goes
+    on from its proposals. A new model; ``model`` is left as it is."""
+    spec = model.spec
+    if conv_depth < spec.head.conv_depth:
+        raise UsageError(f"--head-depth {conv_depth}: the checkpoint's head has {spec.head.conv_depth} "
+                         "convolutions; a head can be made deeper, not shallower")
+    deeper = RegionProposalNetwork(replace(spec, head=replace(spec.head, conv_depth=conv_depth)))
+    deeper.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for conv in deeper.head.more_convs[spec.head.conv_depth - 1:]:
+            nn.init.dirac_(conv.weight)
+            nn.init.zeros_(conv.bias)
+    return deeper.to(model.device, model.dtype)
 
 
 def flatten_outputs(spec: ModelSpec, raw: list[torch.Tensor], image_size: tuple[int, int]) -> list[LevelOutput]:

@@ -22,6 +22,7 @@ SCORE_KINDS = ("sigmoid", "softmax2")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Input sides a description may ask for: beyond these a file would make us allocate absurd tensors.
 MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 8192
+MAX_HEAD_DEPTH = 16  # 3x3 convolutions in the head
 
 
 @dataclass
@@ -179,8 +180,8 @@ def _description_problem(data: dict) -> str | None:
     if not isinstance(mid, int) or not 1 <= mid <= 4096:
         return "head.mid_channels must be a whole number from 1 to 4096"
     depth = data["head"].get("conv_depth", 1)
-    if not isinstance(depth, int) or not 1 <= depth <= 16:
-        return "head.conv_depth must be a whole number from 1 to 16"
+    if not isinstance(depth, int) or not 1 <= depth <= MAX_HEAD_DEPTH:
+        return f"head.conv_depth must be a whole number from 1 to {MAX_HEAD_DEPTH}"
     preprocess = data["preprocess"]
     for key in ("size", "max_size"):
         value = preprocess.get(key)

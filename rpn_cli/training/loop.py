@@ -8,7 +8,7 @@ import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -37,9 +37,9 @@ from ..io.datasets import (
 )
 from ..io.files import atomic_write_bytes
 from ..io.images import load_image
-from ..model.network import RegionProposalNetwork
+from ..model.network import RegionProposalNetwork, deepened_head
 from ..model.preprocess import pad_batch, resize_image, to_tensor
-from ..model.spec import ModelSpec, default_feature_scale
+from ..model.spec import MAX_HEAD_DEPTH, ModelSpec, default_feature_scale
 from .averaging import weight_average
 from .targets import BOX_LOSSES, TargetSettings, rpn_losses
 from .teacher import (
@@ -60,6 +60,7 @@ _OPTION_NAMES = {
     "soft_targets": "--soft-targets", "box_loss": "--box-loss", "box_loss_weight": "--box-loss-weight",
     "clip_gradient_norm": "--clip-gradient-norm", "precision": "--precision", "allowed_border": "--allowed-border",
     "epochs": "--epochs", "seed": "--seed", "teacher": "--teacher", "shorter_side": "--shorter-side",
+    "head_depth": "--head-depth",
 }
 # Not compared: where the run lives and how it was typed, loading threads (they change nothing in the
 # result), and what _resume checks itself (the setup, the moving average).
@@ -88,6 +89,9 @@ class TrainConfig:
     freeze_blocks: int | None = None
     backbone_weights: str | None = None
     init_checkpoint: str | None = None
+    # None: the spec's (or --init's) head; a number: 3x3 convolutions in the head, those added to an --init
+    # checkpoint's starting as the identity (model/network.py, deepened_head).
+    head_depth: int | None = None
     teacher: str | None = None
     teacher_threshold: float = 0.3
     # Teacher boxes from this objectness up to teacher_threshold mark regions left out of the loss
@@ -133,6 +137,8 @@ class TrainConfig:
             # detectron2's -1 means "keep every anchor": here that is leaving the option out.
             raise UsageError(f"--allowed-border {self.allowed_border}: expected a number of pixels from 0 up "
                              "(leave it out to keep every anchor)")
+        if self.head_depth is not None and not 1 <= self.head_depth <= MAX_HEAD_DEPTH:
+            raise UsageError(f"--head-depth {self.head_depth}: expected a whole number from 1 to {MAX_HEAD_DEPTH}")
         if self.clip_gradient_norm is not None and not self.clip_gradient_norm > 0:
             raise UsageError(f"--clip-gradient-norm {self.clip_gradient_norm}: expected a number above 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -477,9 +483,13 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
     initialised_from = None
     if config.init_checkpoint:
         model = load_checkpoint(config.init_checkpoint, "cpu")
+        initialised_from = _provenance_summary(model.spec.provenance)
+        if config.head_depth is not None:
+            model = deepened_head(model, config.head_depth)
         spec = model.spec
-        initialised_from = _provenance_summary(spec.provenance)
     else:
+        if config.head_depth is not None:
+            spec = replace(spec, head=replace(spec.head, conv_depth=config.head_depth))
         model = RegionProposalNetwork(spec)
         if config.backbone_weights:
             load_imagenet_weights(model.backbone, spec.backbone, Path(config.backbone_weights))

@@ -225,6 +225,9 @@ def test_info_prints_description_and_parameters(checkpoint):
     assert described["backbone"]["name"] == "mobilenet_v2_fpn"
     human = runner.invoke(cli.app, ["info", str(checkpoint)])
     assert "parameters" in human.stdout and "mobilenet_v2_fpn" in human.stdout
+    spec = load_checkpoint(checkpoint).spec
+    assert (f"head         {spec.head.conv_depth} 3x3 convolution{'s' if spec.head.conv_depth > 1 else ''} of "
+            f"{spec.head.mid_channels} channels, then the outputs\n") in human.stdout
 
 
 def test_usage_errors(checkpoint, tmp_path):

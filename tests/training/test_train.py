@@ -465,6 +465,41 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
 
 
 
+def test_head_depth_deepens_an_init_checkpoint_or_builds_a_deep_head_from_scratch(tmp_path):
+    from safetensors.torch import load_file
+
+    from rpn_cli.errors import UsageError
+    from rpn_cli.io.checkpoint import read_spec
+
+    folder = _synthetic_dataset(tmp_path / "data")
+    start = _small_checkpoint(tmp_path)
+
+    def config(name, **options):
+        return TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / name), epochs=1,
+                           batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, **options)
+
+    train(config("deeper", init_checkpoint=str(start), head_depth=2, learning_rate=0.05), _small_spec(),
+          torch.device("cpu"))
+    grown = tmp_path / "deeper" / "final.safetensors"
+    assert read_spec(grown).head.conv_depth == 2
+    assert read_spec(grown).provenance["config"]["head_depth"] == 2
+    weights, source = load_file(grown), load_file(start)
+    assert set(weights) == set(source) | {"head.more_convs.0.weight", "head.more_convs.0.bias"}
+    # The added convolution started as the identity and trained from there.
+    dirac = torch.nn.init.dirac_(torch.empty_like(weights["head.more_convs.0.weight"]))
+    change = (weights["head.more_convs.0.weight"] - dirac).abs().max()
+    assert 0 < change < 0.5
+
+    train(config("scratch", head_depth=3), _small_spec(), torch.device("cpu"))
+    assert read_spec(tmp_path / "scratch" / "final.safetensors").head.conv_depth == 3
+
+    with pytest.raises(UsageError, match="--head-depth 1: the checkpoint's head has 2 convolutions"):
+        train(config("shallower", init_checkpoint=str(grown), head_depth=1), _small_spec(), torch.device("cpu"))
+    assert not (tmp_path / "shallower" / "final.safetensors").exists()
+    with pytest.raises(UsageError, match="--head-depth 17: expected a whole number from 1 to 16"):
+        train(config("too-deep", head_depth=17), _small_spec(), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("history, summary", [
     (5, {"command": "made elsewhere"}),
     (["a", {"command": ["x"]}, {"command": "leg 1"}, {"command": "leg 2"}],
