@@ -151,14 +151,18 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
     )
 
     from ..inference.backends import resolve_backend
+    from ..inference.devices import DEVICE_CHOICES
     from ..inference.ray_engine import propose_with_ray
     from ..inference.runtime import load_model
 
     if out is None:
         raise UsageError("--engine ray writes shards into a folder: give --out")
     path = checkpoint_or_default(checkpoint)
-    # What the actors will ask of the file (an exported one runs only as exported), before Ray starts.
-    resolve_backend(backend, torch.device("cpu"), precision, path)
+    # What the actors will ask of the file and the device (an exported file runs only as exported; int8
+    # only on a CPU), before Ray starts. The kind of device only: the actors may have a GPU this process lacks.
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise UsageError(f"--device {device}: expected one of {', '.join(DEVICE_CHOICES)}")
+    resolve_backend(backend, torch.device("cuda" if device.startswith("cuda") else "cpu"), precision, path)
     spec = load_model(path, "cpu", trust_torchscript=trust_torchscript).spec
     spec.proposal_settings(**overrides)  # limits checked here, before Ray starts
     with Progress(TextColumn("ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError
 from .anchors import cached_grid_anchors
 from .backbones import build_backbone
 from .spec import ModelSpec
@@ -108,18 +108,21 @@ def deepened_head(model: RegionProposalNetwork, conv_depth: int) -> RegionPropos
     """``model`` with ``conv_depth`` 3x3 convolutions in its head, the added ones after its own, each
     starting as the identity (a Dirac kernel, zero bias): their inputs are ReLU outputs, >= 0, which a
     ReLU leaves as they are, so the deeper network computes exactly what ``model`` did and training goes
-    on from its proposals. A new model; ``model`` is left as it is."""
-    spec = model.spec
-    if conv_depth < spec.head.conv_depth:
-        raise UsageError(f"--head-depth {conv_depth}: the checkpoint's head has {spec.head.conv_depth} "
-                         "convolutions; a head can be made deeper, not shallower")
-    deeper = RegionProposalNetwork(replace(spec, head=replace(spec.head, conv_depth=conv_depth)))
-    deeper.load_state_dict(model.state_dict(), strict=False)
+    on from its proposals. A new model (same device, dtype and mode); ``model`` is left as it is."""
+    depth = model.spec.head.conv_depth
+    if conv_depth < depth:
+        raise ValueError(f"a head of {depth} convolutions cannot be made {conv_depth} deep")
+    deeper = RegionProposalNetwork(replace(model.spec, head=replace(model.spec.head, conv_depth=conv_depth)))
+    added = {f"head.more_convs.{index}.{name}" for index in range(depth - 1, conv_depth - 1)
+             for name in ("weight", "bias")}
+    missing, unexpected = deeper.load_state_dict(model.state_dict(), strict=False)
+    if set(missing) != added or unexpected:  # anything but the new convolutions: a bug, not a user's error
+        raise RuntimeError(f"deepened_head: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
-        for conv in deeper.head.more_convs[spec.head.conv_depth - 1:]:
+        for conv in deeper.head.more_convs[depth - 1:]:
             nn.init.dirac_(conv.weight)
             nn.init.zeros_(conv.bias)
-    return deeper.to(model.device, model.dtype)
+    return deeper.to(model.device, model.dtype).train(model.training)
 
 
 def flatten_outputs(spec: ModelSpec, raw: list[torch.Tensor], image_size: tuple[int, int]) -> list[LevelOutput]:

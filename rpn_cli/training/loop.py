@@ -26,7 +26,12 @@ from ..evaluation.recall import (
 )
 from ..inference.devices import default_decode_workers
 from ..inference.proposer import Proposer
-from ..io.checkpoint import load_checkpoint, load_plain_torch_file, save_checkpoint
+from ..io.checkpoint import (
+    load_checkpoint,
+    load_plain_torch_file,
+    read_spec,
+    save_checkpoint,
+)
 from ..io.converters import load_imagenet_weights
 from ..io.datasets import (
     AnnotatedImage,
@@ -139,6 +144,11 @@ class TrainConfig:
                              "(leave it out to keep every anchor)")
         if self.head_depth is not None and not 1 <= self.head_depth <= MAX_HEAD_DEPTH:
             raise UsageError(f"--head-depth {self.head_depth}: expected a whole number from 1 to {MAX_HEAD_DEPTH}")
+        if self.head_depth is not None and self.init_checkpoint:
+            depth = read_spec(self.init_checkpoint).head.conv_depth
+            if self.head_depth < depth:
+                raise UsageError(f"--head-depth {self.head_depth}: {self.init_checkpoint}'s head has {depth} "
+                                 "convolutions; a head can be made deeper, not shallower")
         if self.clip_gradient_norm is not None and not self.clip_gradient_norm > 0:
             raise UsageError(f"--clip-gradient-norm {self.clip_gradient_norm}: expected a number above 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -395,8 +405,13 @@ class _Run:
         # before the scale was recorded leave it out).
         if backbone.get("feature_scale") == default_feature_scale(backbone["name"]):
             del backbone["feature_scale"]
-        return json.dumps({"backbone": backbone, "levels": description["levels"],
-                           "from_scratch": self.from_scratch, "fixed_blocks": self.fixed_blocks}, sort_keys=True)
+        setup = {"backbone": backbone, "levels": description["levels"], "from_scratch": self.from_scratch,
+                 "fixed_blocks": self.fixed_blocks}
+        # The head counts from --head-depth on; one convolution deep it is left implicit, as last.pt files
+        # from before recorded it.
+        if self.spec.head.conv_depth != 1:
+            setup["head_depth"] = self.spec.head.conv_depth
+        return json.dumps(setup, sort_keys=True)
 
 
 def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Reporter = lambda event: None) -> dict:
@@ -522,8 +537,8 @@ def _resume(run: _Run, state_file: Path, report: Reporter) -> list[str]:
         raise CheckpointError(f"{state_file}: not a training state written by rpn train (a bad setup or "
                               "ema_decay); use --restart to start over or another --work-dir")
     if saved_setup != run.setup:
-        raise CheckpointError(f"{state_file}: saved by a run with another backbone, start or --freeze-blocks; "
-                              "use --restart to start over or another --work-dir")
+        raise CheckpointError(f"{state_file}: saved by a run with another backbone, --head-depth, start or "
+                              "--freeze-blocks; use --restart to start over or another --work-dir")
     if saved_decay != run.config.ema_decay:
         raise CheckpointError(f"{state_file}: saved by a run {_with_ema(saved_decay)}, and this one is "
                               f"{_with_ema(run.config.ema_decay)}; use --restart to start over or another --work-dir")

@@ -225,9 +225,17 @@ def test_info_prints_description_and_parameters(checkpoint):
     assert described["backbone"]["name"] == "mobilenet_v2_fpn"
     human = runner.invoke(cli.app, ["info", str(checkpoint)])
     assert "parameters" in human.stdout and "mobilenet_v2_fpn" in human.stdout
-    spec = load_checkpoint(checkpoint).spec
-    assert (f"head         {spec.head.conv_depth} 3x3 convolution{'s' if spec.head.conv_depth > 1 else ''} of "
-            f"{spec.head.mid_channels} channels, then the outputs\n") in human.stdout
+    assert "head         1 3x3 convolution of 128 channels, then the outputs\n" in human.stdout
+
+
+def test_info_names_a_deeper_head(checkpoint, tmp_path):
+    from rpn_cli.io.checkpoint import save_checkpoint
+    from rpn_cli.model.network import deepened_head
+
+    save_checkpoint(deepened_head(load_checkpoint(checkpoint), 3), tmp_path / "deeper.safetensors")
+    human = runner.invoke(cli.app, ["info", str(tmp_path / "deeper.safetensors")])
+    assert human.exit_code == 0
+    assert "head         3 3x3 convolutions of 128 channels, then the outputs\n" in human.stdout
 
 
 def test_usage_errors(checkpoint, tmp_path):

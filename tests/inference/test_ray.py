@@ -11,6 +11,8 @@ import time
 import pytest
 from conftest import ROOT, SAMPLES, run_rpn
 
+from rpn_cli.model.network import RegionProposalNetwork
+
 pytest.importorskip("ray.data", reason="Ray is the optional ray extra")
 # Each starts a local Ray (tens of seconds on 2 cores): in the heavy run, which CI runs too.
 pytestmark = pytest.mark.heavy
@@ -93,7 +95,6 @@ def test_ray_manifest_and_parquet(folder, small_checkpoint, tmp_path):
     paths = sorted(p for p in folder.iterdir() if p.suffix == ".jpg")[:3]
     manifest.write_text("id,path\n" + "".join(f"{i},{p}\n" for i, p in enumerate(paths)))
     out = tmp_path / "parquet"
-    # --backend reaches the actors (they once chose auto whatever was asked).
     run = run_rpn("propose", "--manifest", manifest, "--engine", "ray", "--out", out, "--format", "parquet",
                   "-c", small_checkpoint, "--actors", "1", "--backend", "torch", "-q")
     assert run.returncode == 0, run.stderr
@@ -105,6 +106,17 @@ def test_ray_manifest_and_parquet(folder, small_checkpoint, tmp_path):
         assert_records_close({"image": row["image"], "boxes": row["boxes"], "scores": row["scores"]},
                              {"image": row["image"], "boxes": expected[row["image"]]["boxes"],
                               "scores": expected[row["image"]]["scores"]})
+
+
+def test_the_actors_run_the_backend_asked_for(small_checkpoint):
+    from rpn_cli.errors import UsageError
+    from rpn_cli.inference.ray_engine import _ProposalActor
+
+    actor = _ProposalActor(str(small_checkpoint), "cpu", "float32", "torch", {}, None)
+    assert isinstance(actor.proposer.model, RegionProposalNetwork)
+    # They once chose auto whatever was asked: int8 would then have run ONNX Runtime's float32 here.
+    with pytest.raises(UsageError, match="no int8 model was made from it"):
+        _ProposalActor(str(small_checkpoint), "cpu", "auto", "onnxruntime-int8", {}, None)
 
 
 def _actor_at_work() -> int | None:

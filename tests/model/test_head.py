@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import SAMPLES
 
-from rpn_cli.errors import UsageError
 from rpn_cli.io.checkpoint import load_checkpoint
 from rpn_cli.io.images import load_image
 from rpn_cli.model.network import deepened_head
@@ -30,8 +29,11 @@ def test_a_deepened_head_gives_the_checkpoints_very_outputs_on_a_photo(default_c
         assert (deeper.raw_outputs(image)[0] - expected[0]).abs().max() > 1e-2
 
 
-def test_a_head_is_not_made_shallower(default_checkpoint):
-    deeper = deepened_head(load_checkpoint(default_checkpoint), 2)
+def test_a_deepened_head_keeps_the_sources_mode_and_is_never_made_shallower(default_checkpoint):
+    model = load_checkpoint(default_checkpoint)
+    assert deepened_head(model.eval(), 2).training is False
+    deeper = deepened_head(model.train(), 2)
+    assert deeper.training is True
     assert deepened_head(deeper, 2).spec.head.conv_depth == 2  # as deep already: unchanged
-    with pytest.raises(UsageError, match="--head-depth 1: the checkpoint's head has 2 convolutions"):
+    with pytest.raises(ValueError, match="a head of 2 convolutions cannot be made 1 deep"):
         deepened_head(deeper, 1)

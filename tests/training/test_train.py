@@ -468,15 +468,16 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
 def test_head_depth_deepens_an_init_checkpoint_or_builds_a_deep_head_from_scratch(tmp_path):
     from safetensors.torch import load_file
 
-    from rpn_cli.errors import UsageError
+    from rpn_cli.errors import CheckpointError, UsageError
     from rpn_cli.io.checkpoint import read_spec
 
     folder = _synthetic_dataset(tmp_path / "data")
     start = _small_checkpoint(tmp_path)
 
     def config(name, **options):
-        return TrainConfig(sources=[str(folder / "instances.json")], work_dir=str(tmp_path / name), epochs=1,
-                           batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, **options)
+        return TrainConfig(**{"sources": [str(folder / "instances.json")], "work_dir": str(tmp_path / name),
+                              "epochs": 1, "batch_size": 2, "validation_count": 1, "train_sizes": [128],
+                              "warmup_steps": 1, **options})
 
     train(config("deeper", init_checkpoint=str(start), head_depth=2, learning_rate=0.05), _small_spec(),
           torch.device("cpu"))
@@ -493,11 +494,17 @@ def test_head_depth_deepens_an_init_checkpoint_or_builds_a_deep_head_from_scratc
     train(config("scratch", head_depth=3), _small_spec(), torch.device("cpu"))
     assert read_spec(tmp_path / "scratch" / "final.safetensors").head.conv_depth == 3
 
-    with pytest.raises(UsageError, match="--head-depth 1: the checkpoint's head has 2 convolutions"):
+    # Refused before the data is read or anything written.
+    with pytest.raises(UsageError, match=r"--head-depth 1: .*final.safetensors's head has 2 convolutions"):
         train(config("shallower", init_checkpoint=str(grown), head_depth=1), _small_spec(), torch.device("cpu"))
-    assert not (tmp_path / "shallower" / "final.safetensors").exists()
     with pytest.raises(UsageError, match="--head-depth 17: expected a whole number from 1 to 16"):
         train(config("too-deep", head_depth=17), _small_spec(), torch.device("cpu"))
+    assert not (tmp_path / "shallower").exists() and not (tmp_path / "too-deep").exists()
+
+    # A resume must grow the same head: last.pt of a deeper one is refused in one line.
+    with pytest.raises(CheckpointError, match="last.pt: saved by a run with another backbone, --head-depth, start"):
+        train(config("deeper", init_checkpoint=str(start), head_depth=3, epochs=2), _small_spec(),
+              torch.device("cpu"))
 
 
 @pytest.mark.parametrize("history, summary", [
@@ -630,7 +637,7 @@ def test_the_seed_projects_c4_trains_from_scratch_or_from_imagenet_weights(tmp_p
 
     # The ImageNet run's last.pt cannot be continued from scratch: one line naming it, last.pt kept.
     mixed = runner.invoke(app, ["train", *common, "--work-dir", str(tmp_path / "imagenet"), "--epochs", "2"])
-    assert mixed.exit_code == 3 and "last.pt: saved by a run with another backbone, start" in mixed.output
+    assert mixed.exit_code == 3 and "last.pt: saved by a run with another backbone, --head-depth, start" in mixed.output
     assert (tmp_path / "imagenet" / "last.pt").is_file()
     for options, message in ((["--train-sizes", "96,x"], "--train-sizes 96,x: expected comma-separated whole"),
                              (["--train-sizes", "96,500.5"], "--train-sizes 96,500.5: expected comma-separated whole"),
