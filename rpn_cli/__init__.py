@@ -34,3 +34,7 @@ def __getattr__(name: str):
 
         return RpnError
     raise AttributeError(f"module 'rpn_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

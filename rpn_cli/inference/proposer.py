@@ -6,6 +6,7 @@ benchmarks), so a notebook gets the very records the command line writes.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
 
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import UsageError
-from ..io.images import DEFAULT_MAX_PIXELS, load_image
+from ..io.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
 from ..io.inputs import InputImage, expand_inputs
 from ..io.results import ImageResult
 from ..model.preprocess import PreparedImage, prepare_image
@@ -66,6 +67,9 @@ class Proposer:
         return proposer
 
     def _setup(self, model, top_k: int | None, max_pixels: int | None, limits: dict) -> None:
+        for name, value in (("top_k", top_k), ("max_pixels", max_pixels)):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+                raise UsageError(f"{name} {value!r}: expected a whole number from 1 up, or None")
         self.model = model
         self.spec = model.spec
         self.proposal_layer = model.spec.proposal_layer(**limits)
@@ -76,13 +80,20 @@ class Proposer:
     def device(self) -> torch.device:
         return self.model.device
 
+    def __repr__(self) -> str:
+        return (f"Proposer({str(self.checkpoint) if self.checkpoint else 'a model in memory'}, "
+                f"{self.spec.backbone.name}, {self.model.precision} on {self.device})")
+
     def __call__(self, image: ImageLike) -> ImageProposals:
         """Proposals of one image, in its original pixels, best first."""
         return self.propose_prepared([self.prepare(image)])[0]
 
     def prepare(self, image: ImageLike) -> PreparedImage:
         """Resize and normalise an image (a path is decoded as ``rpn propose`` decodes it)."""
-        return prepare_image(_as_pil(image, self.max_pixels), self.spec.preprocess)
+        rgb = _as_pil(image, self.max_pixels)
+        if rgb.width == 0 or rgb.height == 0:
+            raise UsageError(f"an image of {rgb.width}x{rgb.height} pixels has nothing to propose on")
+        return prepare_image(rgb, self.spec.preprocess)
 
     def propose_prepared(self, images: Sequence[PreparedImage]) -> list[ImageProposals]:
         """Proposals of prepared images run as one batch (give images of one padded size: see
@@ -102,7 +113,14 @@ class Proposer:
             inputs = [inputs]
         items: list[InputImage] = []
         for entry in inputs:
+            if not isinstance(entry, (str, Path, InputImage)):
+                raise UsageError(f"stream() reads files, folders and globs, not a {type(entry).__name__}; "
+                                 "call the proposer itself on an image in memory")
             items.extend([entry] if isinstance(entry, InputImage) else expand_inputs([str(entry)]))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size {batch_size!r}: expected 1 or more")
+        if workers is not None and (not isinstance(workers, int) or workers < 0):
+            raise UsageError(f"workers {workers!r}: expected 0 or more")
         if workers is None:
             workers = default_decode_workers(self.device)
         if lanes is None:
@@ -119,13 +137,22 @@ def _as_pil(image: ImageLike, max_pixels: int | None) -> Image.Image:
     if isinstance(image, (str, Path)):
         return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        # As a file of that mode is read (16-bit scaled, alpha over white); its orientation is the caller's.
+        return to_rgb(image)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.ndim != 3 or tensor.shape[0] != 3:
             raise UsageError(f"a tensor image must be (3, H, W), got {tuple(tensor.shape)}")
         if tensor.dtype != torch.uint8:
-            tensor = (tensor.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            if not tensor.is_floating_point():
+                raise UsageError(f"a tensor image must be uint8, or float in [0, 1]; got {tensor.dtype}")
+            tensor = tensor.float()
+            if tensor.isnan().any():
+                raise UsageError("a float tensor image must hold values in [0, 1]; it holds nan")
+            if tensor.numel() and not (0 <= tensor.min() and tensor.max() <= 1):
+                raise UsageError(f"a float tensor image must hold values in [0, 1], not {float(tensor.min()):g} to "
+                                 f"{float(tensor.max()):g} (divide 8-bit values by 255)")
+            tensor = (tensor * 255).round().to(torch.uint8)
         image = tensor.permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

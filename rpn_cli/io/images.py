@@ -18,7 +18,7 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any Pillow mode: 16/32-bit greyscale rescaled, alpha composited over white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
@@ -54,7 +54,7 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 )
             image.load()
             upright = ImageOps.exif_transpose(image)
-            return _to_rgb(upright)
+            return to_rgb(upright)
     except ImageError:
         raise
     except FileNotFoundError as error:

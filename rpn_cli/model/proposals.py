@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
@@ -34,6 +35,14 @@ class ProposalSettings:
         return replace(cls(pre_nms_top_n=12000, post_nms_top_n=600), **overrides)
 
     def validated(self) -> "ProposalSettings":
+        for name in ("pre_nms_top_n", "post_nms_top_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise UsageError(f"{name} {value!r}: expected a whole number")
+        for name in ("nms_iou", "min_size", "min_score", "vote_iou"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise UsageError(f"{name} {value!r}: expected a number")
         if self.pre_nms_top_n < 1 or self.post_nms_top_n < 1:
             raise UsageError("pre-NMS and post-NMS limits must be at least 1")
         if not 0.0 < self.nms_iou <= 1.0:
