@@ -50,7 +50,7 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(
                     f"{path}: {width}x{height} is over the limit of {max_pixels} pixels "
-                    "(decompression bomb guard; raise it with --max-pixels)"
+                    "(decompression bomb guard; raise it with --max-pixels, in Python max_pixels=)"
                 )
             image.load()
             upright = ImageOps.exif_transpose(image)
