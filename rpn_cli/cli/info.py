@@ -42,7 +42,8 @@ def info(
     console.print(f"backbone     {json.dumps(description['backbone'])}")
     console.print(f"parameters   {description['parameters']:,}")
     convs = "convolution" if spec.head.conv_depth == 1 else "convolutions"
-    console.print(f"head         {spec.head.conv_depth} 3x3 {convs} of {spec.head.mid_channels} channels, then the outputs")
+    console.print(f"head         {spec.head.conv_depth} 3x3 {convs} of {spec.head.mid_channels} channels, "
+                  "then the outputs")
     console.print(f"score        {spec.score}")
     for number, level in enumerate(spec.levels):
         console.print(f"level {number}      stride {level.stride}, {len(level.anchors)} anchors")

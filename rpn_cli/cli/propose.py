@@ -97,7 +97,8 @@ def propose(
         if engine == "ray":
             _run_ray(items, checkpoint=checkpoint, out=out, output_format=output_format, address=ray_address,
                      actors=actors, device=device, precision=precision, backend=backend, top_k=top_k,
-                     max_pixels=max_pixels, skip_existing=skip_existing, quiet=quiet, trust_torchscript=trust_torchscript,
+                     max_pixels=max_pixels, skip_existing=skip_existing, quiet=quiet,
+                     trust_torchscript=trust_torchscript,
                      overrides=dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
                                     min_size=min_size, min_score=min_score, vote_iou=vote_iou))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
@@ -176,8 +177,8 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
 
         summary = propose_with_ray(items, path, out, overrides, spec.preprocess, output_format=output_format or "jsonl",
                                    address=address or os.environ.get("RAY_ADDRESS"), device=device,
-                                   precision=precision, backend=backend, actors=actors, top_k=top_k, max_pixels=max_pixels,
-                                   skip_existing=skip_existing, progress=advance, trust_torchscript=trust_torchscript)
+                                   precision=precision, backend=backend, actors=actors, top_k=top_k,
+                                   max_pixels=max_pixels, skip_existing=skip_existing, progress=advance, trust_torchscript=trust_torchscript)
     if not quiet:
         err.print(f"{summary.images} images, {summary.proposals} proposals, {summary.failed} failed"
                   + (f", {summary.skipped} skipped (records exist)" if summary.skipped else "")

@@ -174,8 +174,8 @@ def propose_with_ray(
                                       batch_size=4, num_cpus=1)
         dataset = dataset.map_batches(
             _ProposalActor, fn_constructor_kwargs={"checkpoint": str(checkpoint), "device": device,
-                                                   "precision": precision, "backend": backend, "limits": limits, "top_k": top_k,
-                                                   "trust_torchscript": trust_torchscript},
+                                                   "precision": precision, "backend": backend, "limits": limits,
+                                                   "top_k": top_k, "trust_torchscript": trust_torchscript},
             batch_size=4, concurrency=pool, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         )
         shard: list[str] = []
