@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Sequence
 
@@ -14,22 +15,30 @@ from ..errors import OutputError, UsageError
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
     path = Path(path)
+    # Named before it is made, so that Ctrl-C or SIGTERM arriving at any point after (they are raised
+    # between any two steps, see cli/base.py) finds the name to remove: mkstemp's name came too late.
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")  # as outputs.py sweeps them
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise OutputError(f"{path}: cannot write ({_why_unwritable(path, error)})") from error
-    os.close(fd)
-    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as error:
+            raise OutputError(f"{path}: cannot write ({_why_unwritable(path, error)})") from error
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp, 0o666 & ~_current_umask())  # made 0600 while being written; now the usual mode
         os.replace(tmp, path)
     except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: str) -> None:
+    """Remove a temporary file if it is there (it may never have been made, or its folder may not exist)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def file_in_the_way(path: Path) -> Path | None:

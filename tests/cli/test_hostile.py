@@ -273,6 +273,26 @@ def test_sigterm_exits_143_without_temporaries_and_a_resume_completes(tmp_path, 
     assert not stale.exists() and len(list(out.glob("*.png"))) == 60 and len(list(out.glob("*.json"))) == 60
 
 
+@pytest.mark.parametrize("step", ["close", "chmod", "replace"])
+def test_a_stop_at_any_step_of_a_write_leaves_no_temporary(tmp_path, monkeypatch, step):
+    """SIGTERM and Ctrl-C are raised between any two steps of the program: whichever step they land on,
+    the temporary file goes with them (the test above hits such a step only by chance)."""
+    from rpn_cli.cli.base import Terminated
+    from rpn_cli.io import files
+
+    real = getattr(os, step)
+
+    def stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Terminated()
+
+    monkeypatch.setattr(files.os, step, stopped)
+    with pytest.raises(Terminated):
+        files.atomic_write_bytes(tmp_path / "a.json", lambda tmp: open(tmp, "w").write("{}"))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["a.json"] if step == "replace" else [])
+
+
 def test_odd_file_names_and_a_sheet_over_an_input(tmp_path, small_checkpoint, capsys):
     """Brackets in a path print as they are; a contact sheet may not replace an input; a bare `rpn`
     shows the help; tiny boxes draw (a 40-px photo's 8-px proposals are about 1 px)."""
