@@ -62,7 +62,7 @@ _OPTION_NAMES = {
     "validation_count": "--validation", "batch_size": "--batch-size", "learning_rate": "--lr",
     "train_sizes": "--train-sizes", "backbone_weights": "--backbone-weights", "init_checkpoint": "--init",
     "teacher_threshold": "--teacher-threshold", "teacher_ignore_threshold": "--teacher-ignore-threshold",
-    "soft_targets": "--soft-targets", "box_loss": "--box-loss", "box_loss_weight": "--box-loss-weight",
+    "soft_targets": "--soft-targets", "confidence_weights": "--confidence-weights", "box_loss": "--box-loss", "box_loss_weight": "--box-loss-weight",
     "clip_gradient_norm": "--clip-gradient-norm", "precision": "--precision", "allowed_border": "--allowed-border",
     "epochs": "--epochs", "seed": "--seed", "teacher": "--teacher", "shorter_side": "--shorter-side",
     "head_depth": "--head-depth",
@@ -104,6 +104,8 @@ class TrainConfig:
     teacher_ignore_threshold: float = 0.1
     # Distillation: a positive anchor on a teacher box learns the teacher's objectness, not 1.
     soft_targets: bool = False
+    # Distillation: a positive anchor on a teacher box counts in the loss by the teacher's objectness.
+    confidence_weights: bool = False
     # The box term: "smooth-l1" on deltas or "giou" on decoded boxes, and its weight against objectness.
     box_loss: str = "smooth-l1"
     box_loss_weight: float = 1.0
@@ -240,12 +242,12 @@ def _teacher_detections(
 
 def _training_images(
     images: list[AnnotatedImage], teacher: YoloxTeacher | None, threshold: float, ignore_threshold: float,
-    cache_file: Path, report: Reporter, soft_targets: bool = False,
+    cache_file: Path, report: Reporter, keep_confidence: bool = False,
 ) -> list[TrainingImage]:
     """Boxes to train on: annotations plus, with a teacher, its boxes for what they miss; unlabeled
     images only with a teacher. Crowd boxes (COCO ``iscrowd``, VOC ``difficult``) are ignore regions: many
     objects there, none boxed, so no anchor there is taught background; on partially labelled and
-    unlabeled images so are the teacher's less sure boxes. With ``soft_targets`` each teacher box carries
+    unlabeled images so are the teacher's less sure boxes. With ``keep_confidence`` each teacher box carries
     its objectness. Teacher detections are cached in ``cache_file``."""
     if teacher is None:
         return [TrainingImage(image.path, image.boxes[~image.crowd], image.boxes[image.crowd]) for image in images
@@ -260,14 +262,14 @@ def _training_images(
         if image.labelled and image.categories is None:
             confident = rows[rows[:, 4] >= threshold]
             boxes = merge_teacher_boxes(annotated, confident[:, :4])
-            confidence = merged_confidence(annotated, confident[:, :4], confident[:, 4]) if soft_targets else None
+            confidence = merged_confidence(annotated, confident[:, :4], confident[:, 4]) if keep_confidence else None
             result.append(TrainingImage(image.path, boxes, crowd, confidence))
             continue
         labelled = image.categories if image.labelled else frozenset()
         boxes, confidence, ignore = partial_label_targets(annotated, labelled, rows[:, :4], rows[:, 4],
                                                           rows[:, 5].astype(np.int64), threshold, ignore_threshold)
         result.append(TrainingImage(image.path, boxes, np.concatenate((ignore, crowd)),
-                                    confidence if soft_targets else None))
+                                    confidence if keep_confidence else None))
     return result
 
 
@@ -419,6 +421,8 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     config.check()
     if config.soft_targets and (config.teacher is None or spec.score != "sigmoid"):
         raise UsageError("--soft-targets needs --teacher and a model with sigmoid scores")
+    if config.confidence_weights and config.teacher is None:
+        raise UsageError("--confidence-weights needs --teacher")
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed)
@@ -486,7 +490,8 @@ def training_data(config: TrainConfig, work_dir: Path,
         report(TrainEvent("warning", message=f"{incomplete} unlabeled or partially labelled images are unused "
                                              "without --teacher"))
     samples = _training_images(train_images, teacher, config.teacher_threshold, config.teacher_ignore_threshold,
-                               work_dir / "teacher_detections.json", report, config.soft_targets)
+                               work_dir / "teacher_detections.json", report,
+                               config.soft_targets or config.confidence_weights)
     if not samples:
         raise UsageError("no training images")
     return samples, validation
@@ -625,7 +630,8 @@ def _train_steps(run: _Run, epoch: int, loaded_batches: Iterator[list], targets:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
             levels = model(batch)
         losses = rpn_losses(levels, boxes, sizes, spec.score, spec.box_weights, spec.delta_clamp, targets,
-                            generator, ignores, confidences if config.soft_targets else None, config.box_loss)
+                            generator, ignores, confidences if config.soft_targets else None, config.box_loss,
+                            images_weight=confidences if config.confidence_weights else None)
         total = losses["objectness"] + config.box_loss_weight * losses["box"]
         if not torch.isfinite(total):
             # One bad step spoils every weight: stop before it does.

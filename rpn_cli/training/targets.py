@@ -99,14 +99,16 @@ def rpn_losses(
     levels, images_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]], score_kind: str,
     box_weights, delta_clamp: float, targets: TargetSettings, generator: torch.Generator,
     images_ignore: Sequence[torch.Tensor] | None = None, images_confidence: Sequence[torch.Tensor] | None = None,
-    box_loss: str = "smooth-l1",
+    box_loss: str = "smooth-l1", images_weight: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Objectness and box losses of a batch.
 
     levels: the model's :class:`LevelOutput` list; images_boxes[i]: (K_i, 4) in resized pixels;
     image_sizes[i]: (width, height) of image i before padding; images_ignore[i]: (R_i, 4) regions in
     resized pixels where negatives are ignored; images_confidence[i]: (K_i,) the objectness target of
-    a positive anchor matched to each box (soft targets, sigmoid scores only; default 1). box_loss:
+    a positive anchor matched to each box (soft targets, sigmoid scores only; default 1);
+    images_weight[i]: (K_i,) how much a positive anchor matched to each box counts in both losses
+    (confidence-weighted distillation; negatives and the default count 1). box_loss:
     ``smooth-l1`` on the encoded deltas (torchvision's, beta 1/9) or ``giou``, 1 - generalized IoU of
     the decoded box and its match (detectron2's ``giou``), which weighs localisation in pixels of overlap
     rather than in log-size units. Both are summed over positives and divided by the sampled anchors.
@@ -121,23 +123,28 @@ def rpn_losses(
         sampled = torch.nonzero(labels >= NEGATIVE).flatten()
         positive = torch.nonzero(labels == POSITIVE).flatten()
         sampled_total += sampled.numel()
+        logits = torch.cat([level.logits[index] for level in levels]).float()
+        anchor_weight = torch.ones(anchors.shape[0], device=logits.device)  # (A,)
+        if images_weight is not None and positive.numel():
+            anchor_weight[positive] = images_weight[index].to(logits)[matched_index[positive]]
         if score_kind == "sigmoid":
-            logits = torch.cat([level.logits[index] for level in levels]).float()
             wanted_scores = labels.float()
             if images_confidence is not None and positive.numel():
                 wanted_scores[positive] = images_confidence[index].to(logits)[matched_index[positive]]
             cls_terms.append(F.binary_cross_entropy_with_logits(
-                logits[sampled], wanted_scores[sampled], reduction="sum"))
+                logits[sampled], wanted_scores[sampled], weight=anchor_weight[sampled], reduction="sum"))
         else:
-            logits = torch.cat([level.logits[index] for level in levels]).float()
-            cls_terms.append(F.cross_entropy(logits[sampled], labels[sampled], reduction="sum"))
+            cls_terms.append((F.cross_entropy(logits[sampled], labels[sampled], reduction="none")
+                              * anchor_weight[sampled]).sum())
         deltas = torch.cat([level.deltas[index] for level in levels]).float()  # float32 under autocast too
         if positive.numel() and box_loss == "giou":
             predicted = decode_deltas(anchors[positive], deltas[positive], box_weights, delta_clamp)
-            box_terms.append(generalized_box_iou_loss(predicted, matched[positive].float(), reduction="sum"))
+            box_terms.append((generalized_box_iou_loss(predicted, matched[positive].float(), reduction="none")
+                              * anchor_weight[positive]).sum())
         elif positive.numel():
             wanted = encode_boxes(anchors[positive], matched[positive], box_weights, delta_clamp)
-            box_terms.append(F.smooth_l1_loss(deltas[positive], wanted, beta=1.0 / 9, reduction="sum"))
+            box_terms.append((F.smooth_l1_loss(deltas[positive], wanted, beta=1.0 / 9, reduction="none").sum(dim=1)
+                              * anchor_weight[positive]).sum())
     normaliser = max(sampled_total, 1)
     objectness_loss = torch.stack(cls_terms).sum() / normaliser
     box_loss = torch.stack(box_terms).sum() / normaliser if box_terms else deltas.sum() * 0.0

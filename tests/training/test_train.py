@@ -122,6 +122,38 @@ def test_soft_targets_train_a_teacher_box_towards_its_objectness():
     assert objectness([torch.ones(2)]) == pytest.approx(hard, rel=1e-6)
 
 
+def test_confidence_weights_scale_both_losses_of_an_anchor_on_a_teacher_box():
+    from rpn_cli.model.network import LevelOutput
+
+    # Anchor 0 sits on a human box (weight 1), anchor 1 on a teacher box (weight 0.6), anchor 2 is
+    # background; the deltas miss both boxes by a known amount.
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [64.0, 64.0, 96.0, 96.0], [0.0, 64.0, 32.0, 96.0]])
+    boxes = [anchors[:2].clone()]
+    logits = torch.tensor([[0.5, -1.0, 2.0]])
+    deltas = torch.tensor([[[0.3, 0.0, 0.0, 0.0], [0.0, -0.05, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    level = LevelOutput(logits, deltas, anchors, 1, 3)
+
+    def losses(weight):
+        return rpn_losses([level], boxes, [(128, 128)], "sigmoid", (1.0, 1.0, 1.0, 1.0), 4.0, SETTINGS,
+                          torch.Generator().manual_seed(0), images_weight=weight)
+
+    def bce(logit, target):  # written out, not torch's
+        p = 1 / (1 + np.exp(-logit))
+        return -(target * np.log(p) + (1 - target) * np.log(1 - p))
+
+    def smooth_l1(x, beta=1 / 9):
+        return 0.5 * x * x / beta if abs(x) < beta else abs(x) - 0.5 * beta
+
+    weighted = losses([torch.tensor([1.0, 0.6])])
+    assert float(weighted["objectness"]) == pytest.approx(
+        (bce(0.5, 1.0) + 0.6 * bce(-1.0, 1.0) + bce(2.0, 0.0)) / 3, rel=1e-6)
+    assert float(weighted["box"]) == pytest.approx((smooth_l1(0.3) + 0.6 * smooth_l1(0.05)) / 3, rel=1e-6)
+    unweighted = losses(None)
+    assert float(unweighted["objectness"]) == pytest.approx((bce(0.5, 1.0) + bce(-1.0, 1.0) + bce(2.0, 0.0)) / 3,
+                                                            rel=1e-6)
+    assert float(unweighted["box"]) == pytest.approx((smooth_l1(0.3) + smooth_l1(0.05)) / 3, rel=1e-6)
+
+
 def _giou_loss_by_hand(a, b):  # 1 - GIoU of two x1y1x2y2 boxes, written out (Rezatofighi et al. 2019)
     inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
@@ -742,10 +774,11 @@ def test_efficientnet_lite0_trains_from_its_imagenet_weights_and_proposes(tmp_pa
     assert len(records) == 3 and all(len(record["boxes"]) == 5 for record in records)
 
 
-def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_path, teacher_model):
+def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_path, teacher_model, monkeypatch):
     pytest.importorskip("onnxruntime")
     from typer.testing import CliRunner
 
+    import rpn_cli.training.loop as loop
     from rpn_cli.cli import app
     from rpn_cli.io.checkpoint import load_checkpoint
 
@@ -760,19 +793,34 @@ def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_p
                                str(tmp_path / "soft")])
     assert soft.exit_code == 2 and "--soft-targets needs --teacher" in soft.output
     assert not (tmp_path / "soft").exists()  # refused before anything is written
+    weighted = runner.invoke(app, ["train", str(folder / "instances.json"), "--confidence-weights", "--work-dir",
+                                   str(tmp_path / "weighted")])
+    assert weighted.exit_code == 2 and "--confidence-weights needs --teacher" in weighted.output
+    assert not (tmp_path / "weighted").exists()
     both = runner.invoke(app, ["train", *common, "--validation", "3", "--teacher", str(teacher_model),
                                "--work-dir", str(tmp_path / "work")])
     assert both.exit_code == 2 and "--validation and --validation-set: choose one" in both.output
 
+    weights_seen = []
+
+    def recording_losses(*args, **kwargs):
+        weights_seen.append(kwargs.get("images_weight"))
+        return rpn_losses(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "rpn_losses", recording_losses)
     run = runner.invoke(app, ["train", *common, "--teacher", str(teacher_model), "--work-dir", str(tmp_path / "work"),
-                              "--init", str(_small_checkpoint(tmp_path)), "--soft-targets"])
+                              "--init", str(_small_checkpoint(tmp_path)), "--soft-targets", "--confidence-weights"])
     assert run.exit_code == 0, run.output
+    # Every step weighs each box: 1 for a human box, the teacher's objectness (from 0.3) for its own.
+    assert weights_seen and all(weights is not None for weights in weights_seen)
+    values = torch.cat([weight for weights in weights_seen for weight in weights])
+    assert values.numel() and bool(((values >= 0.3) & (values <= 1.0)).all())
     provenance = load_checkpoint(tmp_path / "work" / "final.safetensors", "cpu").spec.provenance
     assert provenance["training_images"] == 3  # 000.jpg is the validation set's
     assert provenance["validation_images"] == ["1"]
     assert provenance["partially_labelled_data"] == [str(folder / "instances.json")]
     assert provenance["validation"]["images"] == 1
-    assert provenance["config"]["soft_targets"] is True
+    assert provenance["config"]["soft_targets"] is True and provenance["config"]["confidence_weights"] is True
     cache = json.loads((tmp_path / "work" / "teacher_detections.json").read_text())
     assert sorted(Path(key).name for key in cache["images"]) == ["001.jpg", "002.jpg", "003.jpg"]
 
