@@ -68,7 +68,7 @@ class Proposer:
 
     def _setup(self, model, top_k: int | None, max_pixels: int | None, limits: dict) -> None:
         for name, value in (("top_k", top_k), ("max_pixels", max_pixels)):
-            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+            if value is not None and not _is_count(value, 1):
                 raise UsageError(f"{name} {value!r}: expected a whole number from 1 up, or None")
         self.model = model
         self.spec = model.spec
@@ -116,24 +116,32 @@ class Proposer:
             if not isinstance(entry, (str, Path, InputImage)):
                 raise UsageError(f"stream() reads files, folders and globs, not a {type(entry).__name__}; "
                                  "call the proposer itself on an image in memory")
+            if isinstance(entry, str) and not entry:
+                raise UsageError("an empty path: give a file, a folder or a glob")
             items.extend([entry] if isinstance(entry, InputImage) else expand_inputs([str(entry)]))
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_count(batch_size, 1):
             raise UsageError(f"batch_size {batch_size!r}: expected 1 or more")
-        if workers is not None and (not isinstance(workers, int) or workers < 0):
+        if workers is not None and not _is_count(workers, 0):
             raise UsageError(f"workers {workers!r}: expected 0 or more")
-        if workers is None:
-            workers = default_decode_workers(self.device)
-        if lanes is None:
-            lanes = default_lanes(self.model)
-        if lanes < 1:
-            raise UsageError(f"lanes {lanes}: expected 1 or more")
+        if lanes is not None and not _is_count(lanes, 1):
+            raise UsageError(f"lanes {lanes!r}: expected 1 or more")
+        workers = default_decode_workers(self.device) if workers is None else int(workers)
+        lanes = default_lanes(self.model) if lanes is None else int(lanes)
+        batch_size = int(batch_size)
         return propose_images(items, self.model, self.proposal_layer, batch_size=batch_size, workers=workers,
                               lanes=lanes, top_k=self.top_k, max_pixels=self.max_pixels, timings=timings,
                               decoded_ahead=decoded_ahead)
 
 
+def _is_count(value, least: int) -> bool:
+    """An integer (numpy's too, not a bool) of at least ``least``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
 def _as_pil(image: ImageLike, max_pixels: int | None) -> Image.Image:
     """An RGB PIL image from a path, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor."""
+    if isinstance(image, str) and not image:
+        raise UsageError("an empty path: give an image file")
     if isinstance(image, (str, Path)):
         return load_image(image, max_pixels)
     if isinstance(image, Image.Image):

@@ -65,6 +65,7 @@ def test_an_image_in_memory_reads_as_a_file_of_its_mode_does(small_checkpoint, t
     (torch.zeros((3, 8, 8), dtype=torch.bool), "must be uint8, or float in"),
     (np.zeros((0, 0, 3), np.uint8), "an image of 0x0 pixels has nothing to propose on"),
     (Image.new("RGB", (0, 4)), "an image of 0x4 pixels"),
+    ("", "an empty path: give an image file"),  # Path("") is the current folder
 ])
 def test_images_in_memory_that_cannot_be_read_as_meant_are_refused(small_checkpoint, wrong, message):
     proposer = rpn_cli.Proposer(small_checkpoint, precision="float32")
@@ -88,11 +89,18 @@ def test_proposer_options_are_checked_when_it_is_made(small_checkpoint, options,
 def test_stream_takes_paths_and_sane_settings(small_checkpoint):
     proposer = rpn_cli.Proposer(small_checkpoint, precision="float32", top_k=np.int64(5))
     assert len(proposer(SAMPLE_FILES[0]).scores) == 5
+    # numpy integers count as whole numbers, as for top_k.
+    assert len(list(proposer.stream(SAMPLE_FILES[:2], batch_size=np.int64(2), workers=np.int32(0),
+                                    lanes=np.int64(1)))) == 2
     assert repr(proposer).startswith(f"Proposer({small_checkpoint}, mobilenet_v2_fpn, float32 on cpu")
     for entries, options, message in (([Image.open(SAMPLE_FILES[0])], {}, "not a JpegImageFile; call the proposer"),
                                       ([None], {}, "not a NoneType"),
                                       ([SAMPLES], {"batch_size": 0}, "batch_size 0: expected 1 or more"),
-                                      ([SAMPLES], {"workers": -1}, "workers -1: expected 0 or more")):
+                                      ([SAMPLES], {"workers": -1}, "workers -1: expected 0 or more"),
+                                      ([SAMPLES], {"batch_size": 2.0}, "batch_size 2.0: expected 1 or more"),
+                                      ([SAMPLES], {"lanes": 0}, "lanes 0: expected 1 or more"),
+                                      ([SAMPLES], {"lanes": True}, "lanes True: expected 1 or more"),
+                                      ([""], {}, "an empty path: give a file, a folder or a glob")):
         with pytest.raises(UsageError, match=message):
             list(proposer.stream(entries, **options))
 
