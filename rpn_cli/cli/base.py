@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shlex
 import signal
@@ -166,6 +167,20 @@ VoteIouOption = Annotated[
     Optional[float],
     typer.Option("--vote-iou", help="Box voting: each box kept by NMS moves to the score-weighted mean of the candidates overlapping it by this IoU; 0: none (the seed's layer). [default: the checkpoint's; shipped: 0.7]"),
 ]
+LevelOffsetsOption = Annotated[
+    Optional[str],
+    typer.Option("--level-offsets", help="Comma-separated numbers, one a pyramid level (finest first), added to the objectness log-odds of that level's anchors before the levels compete in NMS and the ranking; 0,0,0 ranks by the network's own scores. [default: the checkpoint's]"),
+]
+
+
+def parse_level_offsets(text: str | None) -> tuple[float, ...] | None:
+    """``--level-offsets`` as the proposal layer takes it (None: the checkpoint's)."""
+    if text is None:
+        return None
+    values = parse_comma_separated(text, "--level-offsets", float, "numbers, one a pyramid level")
+    if not values or not all(math.isfinite(value) for value in values):
+        raise UsageError(f"--level-offsets {text}: expected finite numbers, one a pyramid level")
+    return tuple(values)
 
 
 def parse_comma_separated(text: str, option: str, kind: type, what: str) -> list:

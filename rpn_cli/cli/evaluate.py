@@ -13,6 +13,7 @@ from ..errors import RpnError, UsageError
 from .base import (
     BackendOption,
     CheckpointOption,
+    LevelOffsetsOption,
     MinSizeOption,
     NmsIouOption,
     PreNmsTopNOption,
@@ -24,6 +25,7 @@ from .base import (
     fail,
     interruptible,
     note_first_onnx_build,
+    parse_level_offsets,
 )
 
 
@@ -43,6 +45,7 @@ def evaluate(
     nms_iou: NmsIouOption = None,
     min_size: MinSizeOption = None,
     vote_iou: VoteIouOption = None,
+    level_offsets: LevelOffsetsOption = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate on the first N images only.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="An annotated image that cannot be read is an error (exit 5), not left out of the figures with a warning.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write recall curves to this PNG (needs matplotlib).")] = None,
@@ -79,7 +82,7 @@ def evaluate(
 
     try:
         layer_options = {"--post-nms-top-n": post_nms_top_n, "--pre-nms-top-n": pre_nms_top_n, "--nms-iou": nms_iou,
-                         "--min-size": min_size, "--vote-iou": vote_iou}
+                         "--min-size": min_size, "--vote-iou": vote_iou, "--level-offsets": level_offsets}
         given = [name for name, value in layer_options.items() if value is not None]
         if proposals is not None and given:
             raise UsageError(f"{', '.join(given)}: the proposal layer's options apply when running a checkpoint, "
@@ -88,13 +91,15 @@ def evaluate(
         if proposals is not None:
             found = proposals_from_jsonl(proposals, ground_truth)
         else:
-            from ..inference.proposer import Proposer
+            from ..inference.proposer import Proposer, check_proposal_limits
 
             checkpoint = checkpoint_or_default(checkpoint)
+            limits = dict(post_nms_top_n=post_nms_top_n, pre_nms_top_n=pre_nms_top_n, nms_iou=nms_iou,
+                          min_size=min_size, vote_iou=vote_iou, level_offsets=parse_level_offsets(level_offsets))
+            check_proposal_limits(checkpoint, **limits)  # before a note on building anything
             note_first_onnx_build(checkpoint, device, precision, backend, quiet)
-            proposer = Proposer(checkpoint, device=device, precision=precision,
-                                backend=backend, trust_torchscript=trust_torchscript, post_nms_top_n=post_nms_top_n,
-                                pre_nms_top_n=pre_nms_top_n, nms_iou=nms_iou, min_size=min_size, vote_iou=vote_iou)
+            proposer = Proposer(checkpoint, device=device, precision=precision, backend=backend,
+                                trust_torchscript=trust_torchscript, **limits)
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           disable=quiet or not err.is_terminal, transient=True) as progress:
                 task = progress.add_task("images", total=len(ground_truth))

@@ -15,6 +15,7 @@ from ..version import __version__
 from .base import (
     BackendOption,
     CheckpointOption,
+    LevelOffsetsOption,
     MinSizeOption,
     NmsIouOption,
     PreNmsTopNOption,
@@ -26,6 +27,7 @@ from .base import (
     fail,
     interruptible,
     note_first_onnx_build,
+    parse_level_offsets,
 )
 
 
@@ -55,6 +57,7 @@ def propose(
     nms_iou: NmsIouOption = None,
     min_size: MinSizeOption = None,
     vote_iou: VoteIouOption = None,
+    level_offsets: LevelOffsetsOption = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Write at most this many proposals per image.")] = None,
     min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop proposals scoring below this.")] = None,
     draw_top: Annotated[int, typer.Option("--draw-top", min=0, help="Proposals drawn on PNG overlays and --sheet thumbnails (the best first, coloured by rank).")] = 10,
@@ -83,7 +86,7 @@ def propose(
         if engine == "local" and not skip_existing:
             # Before anything imports torch: see prefetch.py.
             decoded_ahead = DecodeAhead(items, max_pixels)
-        from ..inference.proposer import Proposer
+        from ..inference.proposer import Proposer, check_proposal_limits
         from ..io.files import check_writable_under
         from ..io.outputs import (
             ProposalWriter,
@@ -100,7 +103,8 @@ def propose(
                      max_pixels=max_pixels, skip_existing=skip_existing, quiet=quiet,
                      trust_torchscript=trust_torchscript,
                      overrides=dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
-                                    min_size=min_size, min_score=min_score, vote_iou=vote_iou))
+                                    min_size=min_size, min_score=min_score, vote_iou=vote_iou,
+                            level_offsets=parse_level_offsets(level_offsets)))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
@@ -121,11 +125,13 @@ def propose(
         image_ids = (image_ids_from_annotations(image_ids_file, given_paths) if image_ids_file
                      else default_image_ids(given_paths))
         checkpoint = checkpoint_or_default(checkpoint)
+        limits = dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
+                      min_size=min_size, min_score=min_score, vote_iou=vote_iou,
+                      level_offsets=parse_level_offsets(level_offsets))
+        check_proposal_limits(checkpoint, **limits)  # before a note on building anything
         note_first_onnx_build(checkpoint, device, precision, backend, quiet)
         proposer = Proposer(checkpoint, device=device, precision=precision, backend=backend,
-                            trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels,
-                            pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
-                            min_size=min_size, min_score=min_score, vote_iou=vote_iou)
+                            trust_torchscript=trust_torchscript, top_k=top_k, max_pixels=max_pixels, **limits)
         writer = ProposalWriter(formats=formats, out=out, stream=sys.stdout, draw_top=draw_top,
                                 image_ids=image_ids, model_version=f"rpn-cli {__version__} {checkpoint.name}",
                                 sheet=sheet)
@@ -165,7 +171,7 @@ def _run_ray(items, *, checkpoint, out, output_format, address, actors, device, 
         raise UsageError(f"--device {device}: expected one of {', '.join(DEVICE_CHOICES)}")
     resolve_backend(backend, torch.device("cuda" if device.startswith("cuda") else "cpu"), precision, path)
     spec = load_model(path, "cpu", trust_torchscript=trust_torchscript).spec
-    spec.proposal_settings(**overrides)  # limits checked here, before Ray starts
+    spec.proposal_layer(**overrides)  # limits checked here (the level offsets against the levels), before Ray starts
     with Progress(TextColumn("ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                   TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal) as progress:
         task = progress.add_task("images", total=len(items), rate="")

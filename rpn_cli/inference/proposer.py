@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import UsageError
+from ..io.checkpoint import read_spec
 from ..io.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
 from ..io.inputs import InputImage, expand_inputs
 from ..io.results import ImageResult
@@ -38,7 +39,8 @@ class Proposer:
     to ``auto`` as on the command line (CUDA when there is one; bfloat16 on CPUs that have it; ONNX
     Runtime on CPUs without, see :mod:`rpn_cli.backends`). The proposal
     layer's limits (``pre_nms_top_n``, ``post_nms_top_n``, ``nms_iou``, ``min_size``, ``min_score``,
-    ``vote_iou``: box voting, 0 for none) default to the checkpoint's; ``top_k`` keeps at most that many per image.
+    ``vote_iou``: box voting, 0 for none; ``level_offsets``: one log-odds offset a pyramid level, ``(0, 0, 0)``
+    for the network's own scores) default to the checkpoint's; ``top_k`` keeps at most that many per image.
 
     >>> proposer = Proposer()
     >>> result = proposer("samples/chelsea.jpg")   # or a PIL image, an (H, W, 3) uint8 RGB array,
@@ -49,13 +51,15 @@ class Proposer:
                  backend: str = "auto", trust_torchscript: bool = False, top_k: int | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, pre_nms_top_n: int | None = None,
                  post_nms_top_n: int | None = None, nms_iou: float | None = None, min_size: float | None = None,
-                 min_score: float | None = None, vote_iou: float | None = None):
+                 min_score: float | None = None, vote_iou: float | None = None,
+                 level_offsets: Sequence[float] | None = None):
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        limits = dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou, min_size=min_size,
+                      min_score=min_score, vote_iou=vote_iou, level_offsets=level_offsets)
+        check_proposal_limits(self.checkpoint, **limits)
         model = load_model(self.checkpoint, resolve_device(device), precision, trust_torchscript=trust_torchscript,
                            backend=backend)
-        self._setup(model, top_k, max_pixels, dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
-                                                   nms_iou=nms_iou, min_size=min_size, min_score=min_score,
-                                                   vote_iou=vote_iou))
+        self._setup(model, top_k, max_pixels, limits)
 
     @classmethod
     def from_model(cls, model, *, top_k: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -131,6 +135,13 @@ class Proposer:
         return propose_images(items, self.model, self.proposal_layer, batch_size=batch_size, workers=workers,
                               lanes=lanes, top_k=self.top_k, max_pixels=self.max_pixels, timings=timings,
                               decoded_ahead=decoded_ahead)
+
+
+def check_proposal_limits(checkpoint: Path, **limits) -> None:
+    """Refuse bad proposal-layer limits for one of our checkpoints before it is loaded (which may mean
+    building its ONNX model first); exported files are checked once loaded."""
+    if Path(checkpoint).suffix == ".safetensors" and Path(checkpoint).is_file():
+        read_spec(checkpoint).proposal_layer(**limits)
 
 
 def _is_count(value, least: int) -> bool:

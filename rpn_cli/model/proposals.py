@@ -19,7 +19,9 @@ from .voting import vote_boxes
 class ProposalSettings:
     """Limits of the proposal layer. Test mode by default; :meth:`training` gives the seed's 12000 / 600.
     ``vote_iou`` > 0: box voting after NMS at that IoU (:mod:`.voting`); 0, the seed's layer, leaves the
-    kept boxes as decoded."""
+    kept boxes as decoded. ``level_offsets``: one number a pyramid level (finest first) added to the
+    objectness log-odds of that level's anchors before levels compete in NMS and the final ranking
+    (scores come out with it); a calibration between levels fitted after training; () adds none."""
 
     pre_nms_top_n: int = 3000
     post_nms_top_n: int = 300
@@ -29,6 +31,15 @@ class ProposalSettings:
     nms_per_level: bool = False
     top_n_before_filtering: bool = False
     vote_iou: float = 0.0
+    level_offsets: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        # JSON holds a list, a caller may pass any sequence; validated() checks what it holds.
+        if not isinstance(self.level_offsets, (tuple, str)):
+            try:
+                object.__setattr__(self, "level_offsets", tuple(self.level_offsets))
+            except TypeError:
+                pass
 
     @classmethod
     def training(cls, **overrides) -> "ProposalSettings":
@@ -53,10 +64,15 @@ class ProposalSettings:
             raise UsageError(f"min score must be in [0, 1], got {self.min_score}")
         if not 0.0 <= self.vote_iou <= 1.0:
             raise UsageError(f"voting IoU must be in [0, 1] (0: no voting), got {self.vote_iou}")
+        if not isinstance(self.level_offsets, tuple) or not all(
+                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                for value in self.level_offsets):
+            raise UsageError(f"level_offsets {self.level_offsets!r}: expected finite numbers, one a pyramid level")
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form (offsets as a list)."""
+        return {**asdict(self), "level_offsets": list(self.level_offsets)}
 
 
 @dataclass(frozen=True)
@@ -77,7 +93,8 @@ class ProposalLayer:
         levels: the network's per-level outputs (``LevelOutput``: logits (N, M_l) or (N, M_l, 2),
         deltas (N, M_l, 4), anchors (M_l, 4)); the image is ``image_height x image_width`` resized pixels.
         """
-        return proposals_for_image([self._scores(level.logits[index]) for level in levels],
+        self._check_level_count(levels)
+        return proposals_for_image([self._scores(level.logits[index], number) for number, level in enumerate(levels)],
                                    [level.deltas[index] for level in levels], [level.anchors for level in levels],
                                    image_height, image_width, self.settings, self.box_weights, self.delta_clamp,
                                    scores_are_logits=self.score_kind == "sigmoid")
@@ -87,14 +104,27 @@ class ProposalLayer:
         """Boxes (K, 4), scores (K,) and per-image counts of every image of a batch, from a few whole-batch
         operations (see :func:`proposals_for_images`); ``image_sizes``: (N, 2) each image's resized
         (height, width)."""
-        return proposals_for_images([self._scores(level.logits) for level in levels],
+        self._check_level_count(levels)
+        return proposals_for_images([self._scores(level.logits, number) for number, level in enumerate(levels)],
                                     [level.deltas for level in levels], [level.anchors for level in levels],
                                     image_sizes, self.settings, self.box_weights, self.delta_clamp,
                                     scores_are_logits=self.score_kind == "sigmoid")
 
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Sigmoid logits as they are (ranked as logits), softmax pairs as objectness probabilities."""
-        return logits.float() if self.score_kind == "sigmoid" else objectness(logits, self.score_kind)
+    def _check_level_count(self, levels: Sequence) -> None:
+        offsets = self.settings.level_offsets
+        if offsets and len(offsets) != len(levels):
+            raise UsageError(f"level_offsets has {len(offsets)} values for a network of {len(levels)} levels")
+
+    def _scores(self, logits: torch.Tensor, level: int) -> torch.Tensor:
+        """Sigmoid logits as they are (ranked as logits), softmax pairs as objectness probabilities; with
+        the level's offset added to the log-odds (only where it is not 0, so the seed's layer stays exact)."""
+        offset = self.settings.level_offsets[level] if self.settings.level_offsets else 0.0
+        if self.score_kind == "sigmoid":
+            return logits.float() + offset if offset else logits.float()
+        if offset:
+            logits = logits.float()
+            logits = torch.stack((logits[..., 0], logits[..., 1] + offset), dim=-1)
+        return objectness(logits, self.score_kind)
 
 
 def objectness(logits: torch.Tensor, score_kind: str) -> torch.Tensor:

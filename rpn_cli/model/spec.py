@@ -100,6 +100,7 @@ class ModelSpec:
         data = asdict(self)
         data["backbone"] = _without_none(data["backbone"])
         data["levels"] = [_without_none(level) for level in data["levels"]]
+        data["proposals"] = self.proposals.to_dict()
         return data
 
     @classmethod
@@ -133,8 +134,11 @@ class ModelSpec:
 
     def proposal_layer(self, **overrides) -> ProposalLayer:
         """The proposal layer of this model, with :meth:`proposal_settings`'s limits; built once per run."""
-        return ProposalLayer(self.proposal_settings(**overrides), self.score, tuple(self.box_weights),
-                             float(self.delta_clamp))
+        settings = self.proposal_settings(**overrides)
+        if settings.level_offsets and len(settings.level_offsets) != len(self.levels):
+            raise UsageError(f"level offsets {','.join(f'{value:g}' for value in settings.level_offsets)}: "
+                             f"expected {len(self.levels)}, one a pyramid level of this model")
+        return ProposalLayer(settings, self.score, tuple(self.box_weights), float(self.delta_clamp))
 
 
 def _without_none(values: dict) -> dict:
@@ -203,6 +207,9 @@ def _description_problem(data: dict) -> str | None:
     numbers = {f.name for f in fields(ProposalSettings) if f.type in ("int", "float")}
     if not all(_is_number(value) for key, value in proposals.items() if key in numbers):
         return "proposals limits must be numbers"
+    offsets = proposals.get("level_offsets", [])
+    if not (isinstance(offsets, list) and all(map(_is_number, offsets)) and len(offsets) in (0, len(levels))):
+        return f"proposals.level_offsets must be none or {len(levels)} numbers, one a level"
     return None
 
 

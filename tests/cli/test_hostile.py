@@ -75,6 +75,8 @@ def hostile(tmp_path_factory, small_checkpoint):
         "size-negative": lambda d: d["preprocess"].update(size=-512),
         "size-absurd": lambda d: d["preprocess"].update(size=100000),
         "feature-scale-negative": lambda d: d["backbone"].update(feature_scale=-0.1),
+        "level-offsets-count": lambda d: d["proposals"].update(level_offsets=[0.5]),
+        "level-offsets-strings": lambda d: d["proposals"].update(level_offsets=["a", "b", "c"]),
     }
     for name, change in variants.items():
         _description_variant(small_checkpoint, folder / f"{name}.safetensors", change)
@@ -119,7 +121,18 @@ CASES = [
       for name, message in (("levels-string", "levels must be a non-empty list"),
                             ("size-negative", "preprocess.size must be a number of pixels from 16 to 8192"),
                             ("size-absurd", "preprocess.size must be a number of pixels from 16 to 8192"),
-                            ("feature-scale-negative", "backbone.feature_scale must be a number above 0, got -0.1"))],
+                            ("feature-scale-negative", "backbone.feature_scale must be a number above 0, got -0.1"),
+                            ("level-offsets-count", "proposals.level_offsets must be none or 3 numbers, one a level"),
+                            ("level-offsets-strings", "proposals.level_offsets must be none or 3 numbers"))],
+    ("--level-offsets: too few", ["propose", "{d}/photo.jpg", "-c", "{c}", "--level-offsets", "0,1"], 2,
+     "level offsets 0,1: expected 3, one a pyramid level of this model"),
+    ("--nms-iou 2, refused before the ONNX model is built", ["propose", "{d}/photo.jpg", "-c", "{d}/mine.safetensors",
+                                                          "--backend", "onnxruntime", "--nms-iou", "2"], 2,
+     "NMS IoU must be in (0, 1], got 2.0"),
+    ("--level-offsets: not numbers", ["eval", "{d}/train.json", "-c", "{c}", "--level-offsets", "a,b,c"], 2,
+     "--level-offsets a,b,c: expected comma-separated numbers, one a pyramid level"),
+    ("--level-offsets: infinite", ["propose", "{d}/photo.jpg", "-c", "{c}", "--level-offsets", "0,inf,0"], 2,
+     "--level-offsets 0,inf,0: expected finite numbers, one a pyramid level"),
     ("convert: random bytes", ["convert", "{d}/work-random/last.pt", "{d}/never.safetensors"], 3,
      "not a readable PyTorch state dict"),
     ("anchors: stride 0", ["anchors", "--stride", "0"], 2, "Invalid value for '--stride'"),

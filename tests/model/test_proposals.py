@@ -8,6 +8,7 @@ from seed_reference import (
     seed_proposal_layer,
 )
 
+from rpn_cli.errors import UsageError
 from rpn_cli.model.anchors import grid_anchors, seed_project_anchor_shapes
 from rpn_cli.model.proposals import ProposalSettings, proposals_for_image
 
@@ -78,8 +79,6 @@ def test_float16_inputs_are_decoded_in_float32():
 
 
 def test_settings_validation():
-    from rpn_cli.errors import UsageError
-
     with pytest.raises(UsageError):
         ProposalSettings(nms_iou=1.5).validated()
     with pytest.raises(UsageError):
@@ -89,6 +88,62 @@ def test_settings_validation():
     for min_size in (-1.0, float("inf"), float("nan")):  # inf and nan would silently keep no box at all
         with pytest.raises(UsageError, match="min size must be a number of pixels >= 0"):
             ProposalSettings(min_size=min_size).validated()
+    for offsets in ((0.0, float("nan")), ("0.5",), (True, 0.0), 0.5):
+        with pytest.raises(UsageError, match="level_offsets .*: expected finite numbers, one a pyramid level"):
+            ProposalSettings(level_offsets=offsets).validated()
+    assert ProposalSettings(level_offsets=[0, 0.5]).validated().level_offsets == (0, 0.5)  # JSON's list
+
+
+def _two_level_case(score_kind):
+    """Two levels of one anchor each, far apart, zero deltas: level 0 scores logit 2, level 1 logit 1."""
+    from rpn_cli.model.network import LevelOutput
+
+    levels = []
+    for logit, anchor in ((2.0, [0.0, 0.0, 32.0, 32.0]), (1.0, [64.0, 64.0, 128.0, 128.0])):
+        logits = torch.tensor([[logit]])
+        if score_kind == "softmax":  # a pair whose softmax is sigmoid(logit)
+            logits = torch.tensor([[[0.5, 0.5 + logit]]])
+        levels.append(LevelOutput(logits, torch.zeros((1, 1, 4)), torch.tensor([anchor]), 1, 1))
+    return levels
+
+
+@pytest.mark.parametrize("score_kind", ["sigmoid", "softmax"])
+def test_level_offsets_rerank_the_levels_and_shift_their_scores(score_kind):
+    import math
+    from dataclasses import replace
+
+    from rpn_cli.model.proposals import ProposalLayer
+
+    def sigmoid(x):  # written out
+        return 1 / (1 + math.exp(-x))
+
+    levels = _two_level_case(score_kind)
+    plain = ProposalLayer(ProposalSettings(min_size=0.0), score_kind)
+    boxes, scores = plain(levels, 0, 200, 200)
+    assert boxes[:, 0].tolist() == [0.0, 64.0]
+    assert scores.tolist() == pytest.approx([sigmoid(2.0), sigmoid(1.0)], rel=1e-6)
+    shifted = replace(plain, settings=replace(plain.settings, level_offsets=(-1.5, 0.0)))
+    boxes, scores = shifted(levels, 0, 200, 200)
+    assert boxes[:, 0].tolist() == [64.0, 0.0]  # level 0's box now ranks second
+    assert scores.tolist() == pytest.approx([sigmoid(1.0), sigmoid(0.5)], rel=1e-6)
+    one = replace(shifted, settings=replace(shifted.settings, post_nms_top_n=1))
+    assert one(levels, 0, 200, 200)[0][:, 0].tolist() == [64.0]
+    batch_boxes, batch_scores, counts = shifted.for_batch(levels, torch.tensor([[200, 200]]))
+    assert counts == [2] and batch_boxes[:, 0].tolist() == [64.0, 0.0]
+    torch.testing.assert_close(batch_scores, scores)
+    with pytest.raises(UsageError, match="level_offsets has 3 values for a network of 2 levels"):
+        replace(plain, settings=replace(plain.settings, level_offsets=(0.0, 0.0, 0.0)))(levels, 0, 200, 200)
+
+
+def test_zero_level_offsets_leave_every_record_as_it_was(sample_batch):
+    from dataclasses import replace
+
+    levels, sizes, layer = sample_batch
+    for index, (height, width) in enumerate(sizes.tolist()):
+        expected = replace(layer, settings=replace(layer.settings, level_offsets=()))(levels, index, height, width)
+        zero = replace(layer, settings=replace(layer.settings, level_offsets=(0.0, 0.0, 0.0)))(levels, index, height,
+                                                                                               width)
+        assert torch.equal(zero[0], expected[0]) and torch.equal(zero[1], expected[1])
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +190,9 @@ EMPTYING_MIN_SCORE = 0.996
     ProposalSettings(min_score=EMPTYING_MIN_SCORE),
     ProposalSettings(vote_iou=0.7),
     ProposalSettings(vote_iou=0.7, min_score=EMPTYING_MIN_SCORE),
-], ids=["seed-order", "nms-per-level", "top-n-first", "many-kept", "some-images-empty", "voting", "voting-some-empty"])
+    ProposalSettings(vote_iou=0.7, level_offsets=(0.5, 0.0, -0.75)),
+], ids=["seed-order", "nms-per-level", "top-n-first", "many-kept", "some-images-empty", "voting", "voting-some-empty",
+        "level-offsets"])
 @pytest.mark.parametrize("score_kind", ["sigmoid", "softmax"])
 def test_a_batch_in_one_pass_equals_image_by_image(sample_batch, settings, score_kind):
     """The GPU's one-pass proposal layer against the per-image one, each image clipped to its own size:
