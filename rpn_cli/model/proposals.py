@@ -71,8 +71,14 @@ class ProposalSettings:
         return self
 
     def to_dict(self) -> dict:
-        """The JSON form (offsets as a list)."""
-        return {**asdict(self), "level_offsets": list(self.level_offsets)}
+        """The JSON form: offsets as a list, left out when there are none (files without them read as
+        before, by versions that predate them too)."""
+        data = asdict(self)
+        if data["level_offsets"]:
+            data["level_offsets"] = list(data["level_offsets"])
+        else:
+            del data["level_offsets"]
+        return data
 
 
 @dataclass(frozen=True)

@@ -215,8 +215,7 @@ def test_a_checkpoint_written_before_the_typed_description_reads_back_unchanged(
         assert {k: now[key][k] for k in value} == value, key  # nothing lost or changed
         added = {k: v for k, v in now[key].items() if k not in value}
         defaults = {"head": {"conv_depth": 1}, "preprocess": {"size_divisible": 1},
-                    "proposals": {"top_n_before_filtering": False, "vote_iou": 0.0,
-                                  "level_offsets": []}}  # fields newer than the file
+                    "proposals": {"top_n_before_filtering": False, "vote_iou": 0.0}}  # fields newer than the file
         assert added == defaults.get(key, {}), key
     assert ModelSpec.from_dict(now).to_dict() == now
 
@@ -229,3 +228,21 @@ def test_a_description_with_a_key_this_version_does_not_know_still_loads():
     data["levels"][0]["also_new"] = "x"
     spec = ModelSpec.from_dict(data)
     assert spec.head.mid_channels == 128 and spec.to_dict() == default_mobilenet_spec().to_dict()
+
+
+def test_level_offsets_are_saved_with_the_checkpoint_and_left_out_when_there_are_none(tmp_path):
+    from dataclasses import replace
+
+    from rpn_cli.io.checkpoint import read_spec, save_checkpoint
+    from rpn_cli.model.network import RegionProposalNetwork
+    from rpn_cli.model.spec import default_mobilenet_spec
+
+    model = RegionProposalNetwork(default_mobilenet_spec(shorter_side=128, max_size=160))
+    assert "level_offsets" not in model.spec.to_dict()["proposals"]  # files without offsets are as before
+    model.spec.proposals = replace(model.spec.proposals, level_offsets=(0.0, 0.25, -0.75))
+    save_checkpoint(model, tmp_path / "offsets.safetensors")
+    spec = read_spec(tmp_path / "offsets.safetensors")
+    assert spec.proposals.level_offsets == (0.0, 0.25, -0.75)
+    assert spec.to_dict()["proposals"]["level_offsets"] == [0.0, 0.25, -0.75]
+    with pytest.raises(UsageError, match="level offsets 1,2: expected 3, one a pyramid level of this model"):
+        spec.proposal_layer(level_offsets=(1.0, 2.0))
