@@ -10,8 +10,9 @@ runs once a photo; then every combination of ``--values`` for the levels after t
 the highest AR@100 + AR@300 on FIT.json's photos wins (less any whose file name is in ``--exclude``:
 fit on training photos, never on the validation set). ``--validation`` reports it on other photos;
 ``--out`` writes the checkpoint with the offsets in its proposal layer and the fit in its provenance
-(``after_training``), weights unchanged. The network is CKPT's in PyTorch float32 on the CPU, or
-``--network``: an export of it, such as its int8 model (what ``auto`` runs on CPUs).
+(``after_training``), weights unchanged. The network is CKPT's as ``rpn eval --backend torch --precision
+float32`` runs it on the CPU, or ``--network``: an export of it, such as its int8 model (what ``auto`` runs
+on CPUs). A written copy is a new file: its int8 model, if wanted, is made anew (``rpn export``).
 """
 
 import argparse
@@ -34,6 +35,7 @@ from rpn_cli.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from rpn_cli.io.datasets import load_coco  # noqa: E402
 from rpn_cli.io.images import load_image  # noqa: E402
 from rpn_cli.model.preprocess import prepare_image  # noqa: E402
+from rpn_cli.model.proposals import MAX_LEVEL_OFFSET  # noqa: E402
 
 DEFAULT_VALUES = "-1,-0.75,-0.5,-0.25,0,0.25,0.5"
 FIGURES = ("AR@10", "AR@100", "AR@300", "AR@100_small", "AR@100_medium", "AR@100_large")
@@ -84,11 +86,14 @@ def main() -> None:
     try:
         values = sorted({float(value) for value in args.values.split(",")})
     except ValueError:
-        parser.error(f"--values {args.values}: expected comma-separated numbers")
+        values = []
+    if not values or not all(abs(value) <= MAX_LEVEL_OFFSET for value in values):
+        parser.error(f"--values {args.values}: expected comma-separated numbers from -{MAX_LEVEL_OFFSET:g} to "
+                     f"{MAX_LEVEL_OFFSET:g}")
 
     torch.set_grad_enabled(False)
-    model = load_checkpoint(args.checkpoint, "cpu").eval()
-    network = load_model(args.network, "cpu") if args.network else model
+    model = load_checkpoint(args.checkpoint, "cpu").eval()  # what is written back, BatchNorm unfolded
+    network = load_model(args.network or args.checkpoint, "cpu", "float32", backend=None if args.network else "torch")
     if network.spec.preprocess != model.spec.preprocess or len(network.spec.levels) != len(model.spec.levels):
         parser.error(f"--network {args.network}: not an export of {args.checkpoint}")
     images = fully_annotated(args.fit, args.exclude)
@@ -96,6 +101,7 @@ def main() -> None:
         parser.error(f"{args.fit}: no fully annotated photos left to fit on")
     outputs = network_outputs(network, images)
     layer = model.spec.proposal_layer()
+    before = layer.settings.level_offsets
     count = len(outputs[0][2])
     print(f"{(args.network or args.checkpoint).name}: {count} levels, fit on {len(images)} photos of {args.fit.name}",
           flush=True)
@@ -116,18 +122,19 @@ def main() -> None:
     validation = None
     if args.validation is not None:
         held_out = network_outputs(network, fully_annotated(args.validation))
-        before = recall(held_out, replace(layer, settings=replace(layer.settings, level_offsets=())))
+        without = recall(held_out, replace(layer, settings=replace(layer.settings, level_offsets=())))
         validation = recall(held_out, replace(layer, settings=replace(layer.settings, level_offsets=best)))
-        for name, figures in (("without", before), ("with", validation)):
+        for name, figures in (("without", without), ("with", validation)):
             print(f"validation, {name} offsets: " + ", ".join(f"{key} {figures[key]:.4f}" for key in FIGURES))
     if args.out is not None:
         model.spec.proposals = replace(model.spec.proposals, level_offsets=best)
-        fit = {"change": f"proposal layer: level offsets {','.join(f'{v:g}' for v in best)} (none before)",
+        shown = ",".join(f"{v:g}" for v in before) or "none"
+        fit = {"change": f"proposal layer: level offsets {','.join(f'{v:g}' for v in best)} (before: {shown})",
                "network": args.network.name if args.network else "this checkpoint, PyTorch float32",
                "command": shlex.join(["python", "benchmarks/fit_level_offsets.py", *sys.argv[1:]]),
                "fitted_on": {"file": str(args.fit), "photos": len(images), "AR@100": fitted["AR@100"],
-                             "AR@300": fitted["AR@300"], "before": {"AR@100": base["AR@100"],
-                                                                    "AR@300": base["AR@300"]}}}
+                             "AR@300": fitted["AR@300"], "without_offsets": {"AR@100": base["AR@100"],
+                                                                             "AR@300": base["AR@300"]}}}
         if validation is not None:
             fit["validation"] = validation
         previous = model.spec.provenance.get("after_training")

@@ -169,7 +169,7 @@ VoteIouOption = Annotated[
 ]
 LevelOffsetsOption = Annotated[
     Optional[str],
-    typer.Option("--level-offsets", help="Comma-separated numbers, one a pyramid level (finest first), added to the objectness log-odds of that level's anchors before the levels compete in NMS and the ranking; 0,0,0 ranks by the network's own scores. [default: the checkpoint's]"),
+    typer.Option("--level-offsets", help="Comma-separated numbers, one a pyramid level (finest first), added to the objectness log-odds of that level's anchors before the levels compete in NMS and the ranking; zeros (one a level) rank by the network's own scores. [default: the checkpoint's]"),
 ]
 
 
@@ -177,8 +177,11 @@ def parse_level_offsets(text: str | None) -> tuple[float, ...] | None:
     """``--level-offsets`` as the proposal layer takes it (None: the checkpoint's)."""
     if text is None:
         return None
+    fields = text.split(",")
+    if any(not field.strip() for field in fields):  # "0,,-1" would shift the values onto other levels
+        raise UsageError(f"--level-offsets {text}: expected one number a pyramid level, none left empty")
     values = parse_comma_separated(text, "--level-offsets", float, "numbers, one a pyramid level")
-    if not values or not all(math.isfinite(value) for value in values):
+    if not all(math.isfinite(value) for value in values):
         raise UsageError(f"--level-offsets {text}: expected finite numbers, one a pyramid level")
     return tuple(values)
 

@@ -22,6 +22,7 @@ from ..io.results import ImageResult
 from ..model.preprocess import PreparedImage, prepare_image
 from ..model.proposals import ImageProposals
 from ..weights import DEFAULT_CHECKPOINT
+from .backends import EXPORTED_SUFFIXES
 from .devices import default_decode_workers, default_lanes, resolve_device
 from .engine import Timings, propose_images
 from .predict import proposals_for_batch
@@ -140,7 +141,7 @@ class Proposer:
 def check_proposal_limits(checkpoint: Path, **limits) -> None:
     """Refuse bad proposal-layer limits for one of our checkpoints before it is loaded (which may mean
     building its ONNX model first); exported files are checked once loaded."""
-    if Path(checkpoint).suffix == ".safetensors" and Path(checkpoint).is_file():
+    if Path(checkpoint).suffix not in EXPORTED_SUFFIXES and Path(checkpoint).is_file():
         read_spec(checkpoint).proposal_layer(**limits)
 
 

@@ -44,7 +44,9 @@ def expand_inputs(inputs: Iterable[str], recursive: bool = False, stdin: TextIO 
     """
     result: list[InputImage] = []
     for item in inputs:
-        if item == "-":
+        if not item:
+            result.append(InputImage(item, item, "an empty path (an unset shell variable?)"))
+        elif item == "-":
             lines = [line.strip() for line in (stdin.read().splitlines() if stdin else [])]
             result.extend(expand_inputs([line for line in lines if line and line != "-"], recursive))
         elif os.path.isdir(item):

@@ -14,6 +14,9 @@ from .boxes import DEFAULT_DELTA_CLAMP, clip_boxes, decode_deltas, valid_box_mas
 from .nms import batched_greedy_nms, greedy_nms
 from .voting import vote_boxes
 
+# A log-odds offset beyond this makes a level's objectness 0 or 1 in float32: no longer a calibration.
+MAX_LEVEL_OFFSET = 50.0
+
 
 @dataclass(frozen=True)
 class ProposalSettings:
@@ -34,12 +37,14 @@ class ProposalSettings:
     level_offsets: tuple[float, ...] = ()
 
     def __post_init__(self):
-        # JSON holds a list, a caller may pass any sequence; validated() checks what it holds.
-        if not isinstance(self.level_offsets, (tuple, str)):
-            try:
-                object.__setattr__(self, "level_offsets", tuple(self.level_offsets))
-            except TypeError:
-                pass
+        # JSON holds a list; a caller may pass a numpy array or a tensor. Plain floats from here on (a
+        # set, a dict or an iterator has no level order and is left for validated() to refuse).
+        offsets = self.level_offsets
+        if isinstance(offsets, (list, tuple)) or type(offsets).__name__ in ("ndarray", "Tensor"):
+            values = offsets.tolist() if hasattr(offsets, "tolist") else list(offsets)
+            if isinstance(values, list) and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                for v in values):
+                object.__setattr__(self, "level_offsets", tuple(float(v) for v in values))
 
     @classmethod
     def training(cls, **overrides) -> "ProposalSettings":
@@ -65,9 +70,9 @@ class ProposalSettings:
         if not 0.0 <= self.vote_iou <= 1.0:
             raise UsageError(f"voting IoU must be in [0, 1] (0: no voting), got {self.vote_iou}")
         if not isinstance(self.level_offsets, tuple) or not all(
-                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-                for value in self.level_offsets):
-            raise UsageError(f"level_offsets {self.level_offsets!r}: expected finite numbers, one a pyramid level")
+                isinstance(value, float) and abs(value) <= MAX_LEVEL_OFFSET for value in self.level_offsets):
+            raise UsageError(f"level_offsets {self.level_offsets!r}: expected a list of numbers from "
+                             f"-{MAX_LEVEL_OFFSET:g} to {MAX_LEVEL_OFFSET:g}, one a pyramid level")
         return self
 
     def to_dict(self) -> dict:
@@ -103,7 +108,7 @@ class ProposalLayer:
         return proposals_for_image([self._scores(level.logits[index], number) for number, level in enumerate(levels)],
                                    [level.deltas[index] for level in levels], [level.anchors for level in levels],
                                    image_height, image_width, self.settings, self.box_weights, self.delta_clamp,
-                                   scores_are_logits=self.score_kind == "sigmoid")
+                                   scores_are_logits=self._ranks_logits)
 
     def for_batch(self, levels: Sequence,
                   image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -114,22 +119,27 @@ class ProposalLayer:
         return proposals_for_images([self._scores(level.logits, number) for number, level in enumerate(levels)],
                                     [level.deltas for level in levels], [level.anchors for level in levels],
                                     image_sizes, self.settings, self.box_weights, self.delta_clamp,
-                                    scores_are_logits=self.score_kind == "sigmoid")
+                                    scores_are_logits=self._ranks_logits)
 
     def _check_level_count(self, levels: Sequence) -> None:
         offsets = self.settings.level_offsets
         if offsets and len(offsets) != len(levels):
             raise UsageError(f"level_offsets has {len(offsets)} values for a network of {len(levels)} levels")
 
+    @property
+    def _ranks_logits(self) -> bool:
+        # Softmax pairs with offsets rank by log-odds too: probabilities pushed up by an offset saturate at 1.
+        return self.score_kind == "sigmoid" or any(self.settings.level_offsets)
+
     def _scores(self, logits: torch.Tensor, level: int) -> torch.Tensor:
-        """Sigmoid logits as they are (ranked as logits), softmax pairs as objectness probabilities; with
-        the level's offset added to the log-odds (only where it is not 0, so the seed's layer stays exact)."""
+        """Sigmoid logits as they are (ranked as logits); softmax pairs as objectness probabilities, or
+        as log-odds (positive minus negative) where there are offsets; with the level's offset added."""
         offset = self.settings.level_offsets[level] if self.settings.level_offsets else 0.0
         if self.score_kind == "sigmoid":
             return logits.float() + offset if offset else logits.float()
-        if offset:
+        if self._ranks_logits:
             logits = logits.float()
-            logits = torch.stack((logits[..., 0], logits[..., 1] + offset), dim=-1)
+            return logits[..., 1] - logits[..., 0] + offset
         return objectness(logits, self.score_kind)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import CheckpointError, UsageError
 from .anchors import anchor_shapes, seed_project_anchor_shapes
 from .boxes import DEFAULT_DELTA_CLAMP
-from .proposals import ProposalLayer, ProposalSettings
+from .proposals import MAX_LEVEL_OFFSET, ProposalLayer, ProposalSettings
 
 FORMAT_VERSION = 1
 SCORE_KINDS = ("sigmoid", "softmax2")
@@ -208,8 +208,10 @@ def _description_problem(data: dict) -> str | None:
     if not all(_is_number(value) for key, value in proposals.items() if key in numbers):
         return "proposals limits must be numbers"
     offsets = proposals.get("level_offsets", [])
-    if not (isinstance(offsets, list) and all(map(_is_number, offsets)) and len(offsets) in (0, len(levels))):
-        return f"proposals.level_offsets must be none or {len(levels)} numbers, one a level"
+    if not (isinstance(offsets, list) and len(offsets) in (0, len(levels))
+            and all(_is_number(value) and abs(value) <= MAX_LEVEL_OFFSET for value in offsets)):
+        return (f"proposals.level_offsets must be none or {len(levels)} numbers from -{MAX_LEVEL_OFFSET:g} to "
+                f"{MAX_LEVEL_OFFSET:g}, one a level")
     return None
 
 

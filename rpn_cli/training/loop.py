@@ -506,6 +506,12 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
         initialised_from = _provenance_summary(model.spec.provenance)
         if config.head_depth is not None:
             model = deepened_head(model, config.head_depth)
+        if model.spec.proposals.level_offsets:
+            # Fitted to the --init file's weights, which training changes; the rest of its layer is kept.
+            report(TrainEvent("warning", message=f"{config.init_checkpoint}: its level offsets are left out (fitted "
+                                                 "to its weights); fit the result's with "
+                                                 "benchmarks/fit_level_offsets.py"))
+            model.spec.proposals = replace(model.spec.proposals, level_offsets=())
         spec = model.spec
     else:
         if config.head_depth is not None:

@@ -69,6 +69,7 @@ def test_expand_inputs_files_folders_globs_and_stdin(tmp_path):
     assert globbed[0].given == str(tmp_path / "a" / "2.jpg") and globbed[0].problem is None
     assert globbed[1].problem == "no image matches this pattern"
     assert globbed[2].problem == "no such file or folder"
+    assert expand_inputs([""])[0].problem == "an empty path (an unset shell variable?)"  # not the current folder
     import io
 
     listed = expand_inputs(["-"], stdin=io.StringIO(f"{tmp_path}/a/2.jpg\n\n{tmp_path}/a/sub/3.jpg\n"))

@@ -88,10 +88,16 @@ def test_settings_validation():
     for min_size in (-1.0, float("inf"), float("nan")):  # inf and nan would silently keep no box at all
         with pytest.raises(UsageError, match="min size must be a number of pixels >= 0"):
             ProposalSettings(min_size=min_size).validated()
-    for offsets in ((0.0, float("nan")), ("0.5",), (True, 0.0), 0.5):
-        with pytest.raises(UsageError, match="level_offsets .*: expected finite numbers, one a pyramid level"):
+    for offsets in ((0.0, float("nan")), ("0.5",), (True, 0.0), 0.5, (0.0, 1e39), {0.0, -1.0}, iter([0.0])):
+        with pytest.raises(UsageError, match="level_offsets .*: expected a list of numbers from -50 to 50, one a "
+                                             "pyramid level"):
             ProposalSettings(level_offsets=offsets).validated()
-    assert ProposalSettings(level_offsets=[0, 0.5]).validated().level_offsets == (0, 0.5)  # JSON's list
+    # JSON's list, numpy's and torch's arrays: plain floats in level order.
+    import numpy as np
+
+    for given in ([0, 0.5], np.array([0.0, 0.5], np.float32), torch.tensor([0.0, 0.5]), (np.float32(0), 0.5)):
+        offsets = ProposalSettings(level_offsets=given).validated().level_offsets
+        assert offsets == (0.0, 0.5) and all(type(value) is float for value in offsets)
 
 
 def _two_level_case(score_kind):
@@ -133,6 +139,9 @@ def test_level_offsets_rerank_the_levels_and_shift_their_scores(score_kind):
     torch.testing.assert_close(batch_scores, scores)
     with pytest.raises(UsageError, match="level_offsets has 3 values for a network of 2 levels"):
         replace(plain, settings=replace(plain.settings, level_offsets=(0.0, 0.0, 0.0)))(levels, 0, 200, 200)
+    # Ranked by log-odds, so an offset that pushes probabilities to 1.0 in float32 keeps the order.
+    high = replace(plain, settings=replace(plain.settings, level_offsets=(40.0, 40.0)))
+    assert high(levels, 0, 200, 200)[0][:, 0].tolist() == [0.0, 64.0]
 
 
 def test_zero_level_offsets_leave_every_record_as_it_was(sample_batch):

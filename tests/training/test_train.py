@@ -152,6 +152,17 @@ def test_confidence_weights_scale_both_losses_of_an_anchor_on_a_teacher_box():
     assert float(unweighted["objectness"]) == pytest.approx((bce(0.5, 1.0) + bce(-1.0, 1.0) + bce(2.0, 0.0)) / 3,
                                                             rel=1e-6)
     assert float(unweighted["box"]) == pytest.approx((smooth_l1(0.3) + smooth_l1(0.05)) / 3, rel=1e-6)
+    # The softmax pairs' cross-entropy and the GIoU box loss take the same weights.
+    pairs = LevelOutput(torch.stack((torch.zeros_like(logits), logits), -1), deltas, anchors, 1, 3)
+    softmax = rpn_losses([pairs], boxes, [(128, 128)], "softmax", (1.0, 1.0, 1.0, 1.0), 4.0, SETTINGS,
+                         torch.Generator().manual_seed(0), images_weight=[torch.tensor([1.0, 0.6])])
+    assert float(softmax["objectness"]) == pytest.approx(float(weighted["objectness"]), rel=1e-6)  # same probabilities
+    giou = rpn_losses([level], boxes, [(128, 128)], "sigmoid", (1.0, 1.0, 1.0, 1.0), 4.0, SETTINGS,
+                      torch.Generator().manual_seed(0), box_loss="giou", images_weight=[torch.tensor([1.0, 0.6])])
+    moved = [[0.0 + 0.3 * 32, 0.0, 32.0 + 0.3 * 32, 32.0], [64.0, 64.0 - 0.05 * 32, 96.0, 96.0 - 0.05 * 32]]
+    assert float(giou["box"]) == pytest.approx(
+        (_giou_loss_by_hand(moved[0], [0.0, 0.0, 32.0, 32.0]) + 0.6 * _giou_loss_by_hand(moved[1], [64.0, 64.0, 96.0, 96.0]))
+        / 3, rel=1e-5)
 
 
 def _giou_loss_by_hand(a, b):  # 1 - GIoU of two x1y1x2y2 boxes, written out (Rezatofighi et al. 2019)
@@ -486,7 +497,9 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
                          batch_size=2, validation_count=1, train_sizes=[128], warmup_steps=1, command="second run",
                          init_checkpoint=str(tmp_path / "first" / "final.safetensors"))
     train(second, _small_spec(), torch.device("cpu"))
-    from rpn_cli.io.checkpoint import read_spec
+    from dataclasses import replace
+
+    from rpn_cli.io.checkpoint import load_checkpoint, read_spec, save_checkpoint
 
     provenance = read_spec(tmp_path / "second" / "final.safetensors").provenance
     assert provenance["command"] == "second run"
@@ -494,6 +507,15 @@ def test_a_run_from_init_records_what_it_started_from(tmp_path):
     assert started_from["command"] == "first run, resumed" and started_from["epochs"] == 2
     assert started_from["commands"] == ["first run", "first run, resumed"]
     assert started_from["validation"] == first_report and "history" not in started_from
+    # Level offsets are fitted to the weights they came with: a run from them leaves them out, and says so.
+    fitted = load_checkpoint(tmp_path / "first" / "final.safetensors", "cpu")
+    fitted.spec.proposals = replace(fitted.spec.proposals, level_offsets=(0.0, 0.0, -0.75))
+    save_checkpoint(fitted, tmp_path / "fitted.safetensors")
+    third = replace(second, work_dir=str(tmp_path / "third"), init_checkpoint=str(tmp_path / "fitted.safetensors"))
+    events = []
+    train(third, _small_spec(), torch.device("cpu"), events.append)
+    assert any(event.kind == "warning" and "its level offsets are left out" in event.message for event in events)
+    assert read_spec(tmp_path / "third" / "final.safetensors").proposals.level_offsets == ()
 
 
 
@@ -809,19 +831,23 @@ def test_training_on_a_partially_labelled_file_with_a_fixed_validation_set(tmp_p
 
     monkeypatch.setattr(loop, "rpn_losses", recording_losses)
     run = runner.invoke(app, ["train", *common, "--teacher", str(teacher_model), "--work-dir", str(tmp_path / "work"),
-                              "--init", str(_small_checkpoint(tmp_path)), "--soft-targets", "--confidence-weights"])
+                              "--init", str(_small_checkpoint(tmp_path)), "--confidence-weights"])
     assert run.exit_code == 0, run.output
-    # Every step weighs each box: 1 for a human box, the teacher's objectness (from 0.3) for its own.
+    # Every step weighs each box: 1 for a human box, the teacher's objectness (from --teacher-threshold,
+    # 0.3) for its own, as cached.
     assert weights_seen and all(weights is not None for weights in weights_seen)
     values = torch.cat([weight for weights in weights_seen for weight in weights])
-    assert values.numel() and bool(((values >= 0.3) & (values <= 1.0)).all())
+    cache = json.loads((tmp_path / "work" / "teacher_detections.json").read_text())
+    cached = torch.tensor([row[4] for rows in cache["images"].values() for row in rows if row[4] >= 0.3])
+    teacher_weights = values[values < 1]
+    assert teacher_weights.numel() and cached.numel()
+    assert bool((teacher_weights[:, None] - cached[None, :]).abs().min(dim=1).values.le(1e-6).all())
     provenance = load_checkpoint(tmp_path / "work" / "final.safetensors", "cpu").spec.provenance
     assert provenance["training_images"] == 3  # 000.jpg is the validation set's
     assert provenance["validation_images"] == ["1"]
     assert provenance["partially_labelled_data"] == [str(folder / "instances.json")]
     assert provenance["validation"]["images"] == 1
-    assert provenance["config"]["soft_targets"] is True and provenance["config"]["confidence_weights"] is True
-    cache = json.loads((tmp_path / "work" / "teacher_detections.json").read_text())
+    assert provenance["config"]["soft_targets"] is False and provenance["config"]["confidence_weights"] is True
     assert sorted(Path(key).name for key in cache["images"]) == ["001.jpg", "002.jpg", "003.jpg"]
 
 
