@@ -12,8 +12,8 @@ larger than --shorter-side are scaled down to it and stored as WebP, so that the
 can be carried (a GPU machine that gets 64 MiB with the repository); the teacher is then not needed
 there: `rpn train OUT/train/instances.json --validation-set OUT/validation/instances.json ...`.
 The teacher's detections are cached in --work-dir as `rpn train` caches them (the same folder reuses
-them). Without --validation-set every photo goes to train/ (as `rpn train --validation 0`). Soft
-targets are not carried.
+them). Without --validation-set every photo goes to train/ (as `rpn train --validation 0`). The
+teacher's objectness is not carried, so neither are --soft-targets and --confidence-weights.
 """
 
 import argparse
