@@ -65,7 +65,7 @@ def recall(outputs, layer) -> dict:
     for image, prepared, levels in outputs:
         proposals = proposals_from_outputs(levels, [prepared], layer)[0]
         found[image.image_id] = (proposals.boxes.numpy(), proposals.scores.numpy())
-    return average_recall_report([image for image, _, _ in outputs], found)
+    return average_recall_report([image for image, _, _ in outputs], found, (10, 100, 300))  # as rpn train's
 
 
 def main() -> None:

@@ -33,16 +33,21 @@ def test_it_loads_with_its_provenance(default_checkpoint):
     # box voting it inherited from the eighth stage.
     assert model.spec.proposals.min_size == 8.0 and model.spec.proposals.vote_iou == 0.7
     assert provenance["config"]["ema_decay"] == 0.9995
-    shipped, last_step = provenance["validation"], provenance["history"][-1]["validation_last_step"]
-    for label, figures in (("**shipped**: tenth stage, epoch 2, the weight average", shipped),
+    # The tenth stage's weights, with level offsets fitted after training on training photos; the fit's
+    # command and its validation figures are in the file and in the README.
+    assert model.spec.proposals.level_offsets == (0.0, 0.0, -0.75)
+    fit = provenance["after_training"]
+    assert fit["command"] in readme and fit["fitted_on"]["photos"] == 238
+    trained, last_step = provenance["validation"], provenance["history"][-1]["validation_last_step"]
+    shipped = fit["validation"]
+    for label, figures in (("**shipped**: the tenth stage with level offsets 0, 0, -0.75", shipped),
+                           ("tenth stage, epoch 2, the weight average: the default before this one", trained),
                            ("tenth stage, epoch 2, the last step's weights", last_step)):
         assert (f"| {label} | {figures['AR@10']:.3f} | {figures['AR@100']:.3f} | {figures['AR@300']:.3f} | "
                 f"{figures['R@0.5@300']:.3f} | {figures['R@0.7@300']:.3f} |") in readme
-    assert shipped["images"] == 146 and len(provenance["validation_images"]) == 146
-    # Better than the previous default (the ninth stage) on the same photos.
-    assert ("| ninth stage, epoch 4, the weight average: the default before this one "
-            "| 0.133 | 0.290 | 0.366 |") in readme
-    assert shipped["AR@100"] > 0.2904 and shipped["AR@300"] > 0.3664
+    assert trained["images"] == shipped["images"] == 146 and len(provenance["validation_images"]) == 146
+    # Better than the previous default (the tenth stage's weights without offsets) on the same photos.
+    assert shipped["AR@100"] > trained["AR@100"] and shipped["AR@300"] > trained["AR@300"]
     assert provenance["partially_labelled_data"] and "val2017" in provenance["partially_labelled_data"][0]
     assert "do not score it on COCO val2017" in readme
     # It records what it was trained from, back to the first stage.
@@ -58,7 +63,8 @@ def test_info_summarises_its_provenance_a_line_an_entry(default_checkpoint):
     start = next(n for n, line in enumerate(lines) if line.startswith("provenance"))
     entries = lines[start:start + len(provenance)]
     assert [line[13:].split(":")[0] for line in entries] == list(provenance)
-    assert entries[0] == f"provenance   command: {provenance['command']}"  # text whole
+    assert entries[0] == f"provenance   after_training: {provenance['after_training']['change']} (5 entries)"
+    assert f"             command: {provenance['command']}" in entries  # text whole
     assert f"             history: {len(provenance['history'])} items" in entries  # records counted
     assert f"             validation_images: {len(provenance['validation_images'])} items" in entries
     assert f"AR@100 {provenance['validation']['AR@100']:.4g}, " in next(e for e in entries if "validation: " in e)

@@ -169,7 +169,7 @@ VoteIouOption = Annotated[
 ]
 LevelOffsetsOption = Annotated[
     Optional[str],
-    typer.Option("--level-offsets", help="Comma-separated numbers, one a pyramid level (finest first), added to the objectness log-odds of that level's anchors before the levels compete in NMS and the ranking; zeros (one a level) rank by the network's own scores. [default: the checkpoint's]"),
+    typer.Option("--level-offsets", help="Comma-separated numbers, one a pyramid level (finest first), added to the objectness log-odds of that level's anchors before the levels compete in NMS and the ranking; zeros (one a level) rank by the network's own scores. [default: the checkpoint's; shipped: 0,0,-0.75]"),
 ]
 
 

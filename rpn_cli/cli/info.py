@@ -61,6 +61,8 @@ def _summary(value) -> str:
     nested records counted (a trained checkpoint's history runs to thousands of characters)."""
     if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
         return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    if isinstance(value, dict) and isinstance(value.get("change"), str):  # a change made after training
+        return f"{value['change']} ({len(value)} entries)"
     text = json.dumps(value)
     if isinstance(value, str) or len(text) <= 100:
         return value if isinstance(value, str) else text

@@ -1,6 +1,7 @@
 """Restructuring the package changed nothing a user sees: the records of the sample photos are the same,
 byte for byte, as those of the last version before it (run from the git history, same checkpoint: the
-shipped weights with the proposal layer that version knows, without box voting, which came later)."""
+shipped weights with the proposal layer that version knows, without box voting and level offsets, which
+came later)."""
 
 import json
 import os
@@ -29,7 +30,8 @@ def previous_version(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped_without_voting(tmp_path_factory):
-    """The shipped checkpoint's weights and description, less the ``vote_iou`` that version cannot read."""
+    """The shipped checkpoint's weights and description, less the ``vote_iou`` and ``level_offsets`` that
+    version cannot read."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -38,6 +40,7 @@ def shipped_without_voting(tmp_path_factory):
     with safe_open(str(DEFAULT_CHECKPOINT), framework="pt") as handle:
         description = json.loads(handle.metadata()[METADATA_KEY])
     assert description["proposals"].pop("vote_iou") > 0
+    assert any(description["proposals"].pop("level_offsets"))
     path = tmp_path_factory.mktemp("checkpoint") / "without-voting.safetensors"
     save_file(load_file(DEFAULT_CHECKPOINT), path, metadata={METADATA_KEY: json.dumps(description, sort_keys=True)})
     return path

@@ -47,7 +47,8 @@ def test_the_fit_picks_its_grids_best_as_rpn_eval_scores_it(coco_dir, default_ch
     assert "fit on 6 photos" in run.stdout
     spec = read_spec(out)
     chosen = spec.proposals.level_offsets
-    assert spec.provenance["after_training"]["change"].endswith("(before: none)")
+    before = ",".join(f"{value:g}" for value in read_spec(default_checkpoint).proposals.level_offsets) or "none"
+    assert spec.provenance["after_training"]["change"].endswith(f"(before: {before})")
     assert len(chosen) == 3 and chosen[0] == 0.0 and set(chosen[1:]) <= {-1.0, 0.0}
     fitted_on = spec.provenance["after_training"]["fitted_on"]
     assert fitted_on["photos"] == 6
@@ -59,7 +60,8 @@ def test_the_fit_picks_its_grids_best_as_rpn_eval_scores_it(coco_dir, default_ch
         figures = _eval(fit_only, default_checkpoint, ",".join(f"{v:g}" for v in (0.0, *rest)))
         totals[(0.0, *rest)] = figures["AR@100"] + figures["AR@300"]
     assert totals[chosen] == pytest.approx(max(totals.values()), abs=1e-9)
-    assert _eval(fit_only, default_checkpoint)["AR@100"] == pytest.approx(fitted_on["without_offsets"]["AR@100"], abs=1e-9)
+    assert _eval(fit_only, default_checkpoint, "0,0,0")["AR@100"] == pytest.approx(
+        fitted_on["without_offsets"]["AR@100"], abs=1e-9)
     refused = subprocess.run([sys.executable, str(SCRIPT), str(default_checkpoint), str(fit), "--out", str(out)],
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "exists; choose a new file" in refused.stderr
