@@ -104,7 +104,7 @@ def propose(
                      trust_torchscript=trust_torchscript,
                      overrides=dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
                                     min_size=min_size, min_score=min_score, vote_iou=vote_iou,
-                            level_offsets=parse_level_offsets(level_offsets)))
+                                    level_offsets=parse_level_offsets(level_offsets)))
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
