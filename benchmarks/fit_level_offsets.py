@@ -68,6 +68,15 @@ def recall(outputs, layer) -> dict:
     return average_recall_report([image for image, _, _ in outputs], found, (10, 100, 300))  # as rpn train's
 
 
+def with_offsets(layer, offsets: tuple):
+    """``layer`` with these level offsets (() for none)."""
+    return replace(layer, settings=replace(layer.settings, level_offsets=offsets))
+
+
+def shown(offsets: tuple) -> str:
+    return ",".join(f"{value:g}" for value in offsets) or "none"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
@@ -108,28 +117,27 @@ def main() -> None:
     results = []
     for rest in itertools.product(values, repeat=count - 1):
         offsets = (0.0, *rest)
-        figures = recall(outputs, replace(layer, settings=replace(layer.settings, level_offsets=offsets)))
+        figures = recall(outputs, with_offsets(layer, offsets))
         results.append((figures["AR@100"] + figures["AR@300"], offsets, figures))
-    base = recall(outputs, replace(layer, settings=replace(layer.settings, level_offsets=())))
+    base = recall(outputs, with_offsets(layer, ()))
     print("| offsets | " + " | ".join(FIGURES) + " |\n|---|" + "---|" * len(FIGURES))
     print("| none | " + " | ".join(f"{base[key]:.4f}" for key in FIGURES) + " |")
     for _, offsets, figures in sorted(results, key=lambda row: -row[0])[:10]:
-        print(f"| {','.join(f'{v:g}' for v in offsets)} | " + " | ".join(f"{figures[key]:.4f}" for key in FIGURES) + " |")
+        print(f"| {shown(offsets)} | " + " | ".join(f"{figures[key]:.4f}" for key in FIGURES) + " |")
     _, best, fitted = max(results, key=lambda row: row[0])
-    print(f"chosen: {','.join(f'{v:g}' for v in best)} (AR@100 {fitted['AR@100'] - base['AR@100']:+.4f}, "
+    print(f"chosen: {shown(best)} (AR@100 {fitted['AR@100'] - base['AR@100']:+.4f}, "
           f"AR@300 {fitted['AR@300'] - base['AR@300']:+.4f} on the fit photos)", flush=True)
 
     validation = None
     if args.validation is not None:
         held_out = network_outputs(network, fully_annotated(args.validation))
-        without = recall(held_out, replace(layer, settings=replace(layer.settings, level_offsets=())))
-        validation = recall(held_out, replace(layer, settings=replace(layer.settings, level_offsets=best)))
+        without = recall(held_out, with_offsets(layer, ()))
+        validation = recall(held_out, with_offsets(layer, best))
         for name, figures in (("without", without), ("with", validation)):
             print(f"validation, {name} offsets: " + ", ".join(f"{key} {figures[key]:.4f}" for key in FIGURES))
     if args.out is not None:
         model.spec.proposals = replace(model.spec.proposals, level_offsets=best)
-        shown = ",".join(f"{v:g}" for v in before) or "none"
-        fit = {"change": f"proposal layer: level offsets {','.join(f'{v:g}' for v in best)} (before: {shown})",
+        fit = {"change": f"proposal layer: level offsets {shown(best)} (before: {shown(before)})",
                "network": args.network.name if args.network else "this checkpoint, PyTorch float32",
                "command": shlex.join(["python", "benchmarks/fit_level_offsets.py", *sys.argv[1:]]),
                "fitted_on": {"file": str(args.fit), "photos": len(images), "AR@100": fitted["AR@100"],

@@ -97,14 +97,15 @@ def propose(
         )
         from ..io.tool_formats import default_image_ids, image_ids_from_annotations
 
+        # The proposal layer's limits (None: the checkpoint's), for either engine.
+        limits = dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
+                      min_size=min_size, min_score=min_score, vote_iou=vote_iou,
+                      level_offsets=parse_level_offsets(level_offsets))
         if engine == "ray":
             _run_ray(items, checkpoint=checkpoint, out=out, output_format=output_format, address=ray_address,
                      actors=actors, device=device, precision=precision, backend=backend, top_k=top_k,
                      max_pixels=max_pixels, skip_existing=skip_existing, quiet=quiet,
-                     trust_torchscript=trust_torchscript,
-                     overrides=dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
-                                    min_size=min_size, min_score=min_score, vote_iou=vote_iou,
-                                    level_offsets=parse_level_offsets(level_offsets)))
+                     trust_torchscript=trust_torchscript, overrides=limits)
         formats = parse_formats(output_format or ("json" if out else "jsonl"))
         if out is None and any(f != "jsonl" for f in formats):
             raise UsageError(f"--format {','.join(formats)} writes files: give --out")
@@ -125,9 +126,6 @@ def propose(
         image_ids = (image_ids_from_annotations(image_ids_file, given_paths) if image_ids_file
                      else default_image_ids(given_paths))
         checkpoint = checkpoint_or_default(checkpoint)
-        limits = dict(pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, nms_iou=nms_iou,
-                      min_size=min_size, min_score=min_score, vote_iou=vote_iou,
-                      level_offsets=parse_level_offsets(level_offsets))
         check_proposal_limits(checkpoint, **limits)  # before a note on building anything
         note_first_onnx_build(checkpoint, device, precision, backend, quiet)
         proposer = Proposer(checkpoint, device=device, precision=precision, backend=backend,

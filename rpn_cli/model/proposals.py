@@ -40,7 +40,7 @@ class ProposalSettings:
         # JSON holds a list; a caller may pass a numpy array or a tensor. Plain floats from here on (a
         # set, a dict or an iterator has no level order and is left for validated() to refuse).
         offsets = self.level_offsets
-        if isinstance(offsets, (list, tuple)) or type(offsets).__name__ in ("ndarray", "Tensor"):
+        if isinstance(offsets, (list, tuple)) or hasattr(offsets, "tolist"):
             values = offsets.tolist() if hasattr(offsets, "tolist") else list(offsets)
             if isinstance(values, list) and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
                                                 for v in values):
