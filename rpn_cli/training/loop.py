@@ -46,6 +46,7 @@ from ..model.network import RegionProposalNetwork, deepened_head
 from ..model.preprocess import pad_batch, resize_image, to_tensor
 from ..model.spec import MAX_HEAD_DEPTH, ModelSpec, default_feature_scale
 from .averaging import weight_average
+from .quantization import quantization_aware, snap_to_int8_grid
 from .targets import BOX_LOSSES, TargetSettings, rpn_losses
 from .teacher import (
     YoloxTeacher,
@@ -66,7 +67,7 @@ _OPTION_NAMES = {
     "box_loss_weight": "--box-loss-weight",
     "clip_gradient_norm": "--clip-gradient-norm", "precision": "--precision", "allowed_border": "--allowed-border",
     "epochs": "--epochs", "seed": "--seed", "teacher": "--teacher", "shorter_side": "--shorter-side",
-    "head_depth": "--head-depth",
+    "head_depth": "--head-depth", "quantization_aware": "--quantization-aware",
 }
 # Not compared: where the run lives and how it was typed, loading threads (they change nothing in the
 # result), and what _resume checks itself (the setup, the moving average).
@@ -107,6 +108,9 @@ class TrainConfig:
     soft_targets: bool = False
     # Distillation: a positive anchor on a teacher box counts in the loss by the teacher's objectness.
     confidence_weights: bool = False
+    # Each convolution the int8 model quantizes trains with its weights as int8 rounds them, and the
+    # file holds the rounded weights (training/quantization.py).
+    quantization_aware: bool = False
     # The box term: "smooth-l1" on deltas or "giou" on decoded boxes, and its weight against objectness.
     box_loss: str = "smooth-l1"
     box_loss_weight: float = 1.0
@@ -531,6 +535,10 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
     if from_scratch and fixed_blocks:
         report(TrainEvent("warning", message=f"--freeze-blocks {fixed_blocks} keeps random weights fixed"))
     freeze_first_blocks(model.backbone, fixed_blocks)
+    if config.quantization_aware:
+        if from_scratch:
+            raise UsageError("--quantization-aware fine-tunes trained weights: give --init or --backbone-weights")
+        quantization_aware(model)
     model.to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
@@ -723,6 +731,8 @@ def _finish(run: _Run, work_dir: Path) -> dict:
     }
     if run.initialised_from is not None:
         spec.provenance["initialised_from"] = run.initialised_from
+    if config.quantization_aware:
+        snap_to_int8_grid(model)
     model.spec = spec
     save_checkpoint(model, work_dir / "final.safetensors", spec)
     return last_report
