@@ -46,7 +46,7 @@ from ..model.network import RegionProposalNetwork, deepened_head
 from ..model.preprocess import pad_batch, resize_image, to_tensor
 from ..model.spec import MAX_HEAD_DEPTH, ModelSpec, default_feature_scale
 from .averaging import weight_average
-from .quantization import quantization_aware, snap_to_int8_grid
+from .quantization import make_quantization_aware, snap_to_int8_grid
 from .targets import BOX_LOSSES, TargetSettings, rpn_losses
 from .teacher import (
     YoloxTeacher,
@@ -137,6 +137,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse settings no run can have (:class:`UsageError`, named as the command line names them)."""
+        if self.confidence_weights and self.teacher is None:
+            raise UsageError("--confidence-weights needs --teacher")
+        if self.quantization_aware and not self.init_checkpoint and not self.backbone_weights:
+            raise UsageError("--quantization-aware fine-tunes trained weights: give --init or --backbone-weights")
         if self.box_loss not in BOX_LOSSES:
             raise UsageError(f"--box-loss {self.box_loss}: choose {' or '.join(BOX_LOSSES)}")
         if self.precision not in TRAINING_PRECISIONS:
@@ -426,8 +430,6 @@ def train(config: TrainConfig, spec: ModelSpec, device: torch.device, report: Re
     config.check()
     if config.soft_targets and (config.teacher is None or spec.score != "sigmoid"):
         raise UsageError("--soft-targets needs --teacher and a model with sigmoid scores")
-    if config.confidence_weights and config.teacher is None:
-        raise UsageError("--confidence-weights needs --teacher")
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed)
@@ -536,9 +538,7 @@ def _set_up(config: TrainConfig, spec: ModelSpec, device: torch.device, work_dir
         report(TrainEvent("warning", message=f"--freeze-blocks {fixed_blocks} keeps random weights fixed"))
     freeze_first_blocks(model.backbone, fixed_blocks)
     if config.quantization_aware:
-        if from_scratch:
-            raise UsageError("--quantization-aware fine-tunes trained weights: give --init or --backbone-weights")
-        quantization_aware(model)
+        make_quantization_aware(model)
     model.to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
