@@ -29,16 +29,18 @@ def int8_rounded(weight: torch.Tensor, fold: torch.Tensor | None = None) -> torc
     then divided by ``fold`` again. ``fold`` (O,): the factor folding a BatchNorm into the convolution
     multiplies its weights by (``gamma / sqrt(running_var + eps)``), or None where no BatchNorm follows.
     Gradients pass through the rounding as if it were the identity."""
-    folded = weight if fold is None else weight * fold.reshape(-1, 1, 1, 1)
-    step = folded.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / INT8_WEIGHT_MAX
+    # The gradient reaches the weights only through the last line: the rounding is computed detached.
+    plain = weight.detach()
+    factor = None if fold is None else fold.detach().reshape(-1, 1, 1, 1)
+    folded = plain if factor is None else plain * factor
+    step = folded.abs().amax(dim=(1, 2, 3), keepdim=True) / INT8_WEIGHT_MAX
     # An all-zero channel stays zero (a step of 1 rounds it to 0 without dividing by 0).
     step = torch.where(step > 0, step, torch.ones_like(step))
-    rounded = torch.clamp(torch.round(folded.detach() / step), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX) * step
-    if fold is not None:
+    rounded = torch.clamp(torch.round(folded / step), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX) * step
+    if factor is not None:
         # A channel that BatchNorm multiplies by 0 outputs a constant whatever its weights: keep them.
-        factor = fold.detach().reshape(-1, 1, 1, 1)
-        rounded = torch.where(factor != 0, rounded / torch.where(factor != 0, factor, 1.0), weight.detach())
-    return weight + (rounded - weight).detach()
+        rounded = torch.where(factor != 0, rounded / torch.where(factor != 0, factor, 1.0), plain)
+    return weight + (rounded - plain)
 
 
 class Int8WeightConv2d(nn.Conv2d):
