@@ -26,6 +26,7 @@ def export(
     calibration_count: Annotated[Optional[int], typer.Option("--calibration-count", min=1, help="onnx-int8: at most this many of them, in the order given.  [default: 200]")] = None,
     calibration_method: Annotated[Optional[str], typer.Option("--calibration-method", help="onnx-int8: how activation ranges are set: percentile (each tensor's --calibration-percentile of magnitude) or minmax (the whole range seen); which loses less recall depends on the weights (rpn_cli/weights/README.md).  [default: percentile]")] = None,
     calibration_percentile: Annotated[Optional[float], typer.Option("--calibration-percentile", help="onnx-int8 with percentile: the percentile of magnitude each activation range ends at.  [default: 99.99]")] = None,
+    weight_rounding: Annotated[Optional[str], typer.Option("--weight-rounding", help="onnx-int8: how weights are rounded to int8: gptq (each convolution's rounding chosen so that its outputs on the calibration photos move least; GPTQ) or nearest (each weight to its nearest step, ONNX Runtime's own).  [default: gptq]")] = None,
 ) -> None:
     """Export the network (backbone and head; dynamic image size) for deployment tools.
 
@@ -50,7 +51,7 @@ def export(
         check_export_destination(checkpoint, destination, export_format)
         # Only the options given reach export_model, whose defaults are the documented ones.
         tuning = {"calibration_count": calibration_count, "calibration_method": calibration_method,
-                  "calibration_percentile": calibration_percentile}
+                  "calibration_percentile": calibration_percentile, "weight_rounding": weight_rounding}
         given = ["--" + key.replace("_", "-") for key, value in (("calibration", calibration), *tuning.items())
                  if value is not None]
         if given and export_format != "onnx-int8":

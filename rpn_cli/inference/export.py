@@ -13,12 +13,19 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import UsageError
-from ..io.checkpoint import METADATA_KEY, load_checkpoint
+from ..io.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
 from ..io.files import atomic_write_bytes, check_destination
 from ..model.network import RegionProposalNetwork
 from ..model.spec import ModelSpec
 from .backends import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES
-from .quantize import DEFAULT_PERCENTILE, check_calibration_method, quantize_onnx
+from .quantize import (
+    DEFAULT_PERCENTILE,
+    check_calibration_method,
+    model_input,
+    quantize_onnx,
+    readable_photos,
+)
+from .weight_rounding import WEIGHT_ROUNDINGS, round_weights_gptq
 
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 
@@ -53,6 +60,11 @@ def export_suffixes(export_format: str) -> tuple[str, ...]:
     return TORCHSCRIPT_SUFFIXES if export_format == "torchscript" else ONNX_SUFFIXES
 
 
+def check_weight_rounding(weight_rounding: str) -> None:
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise UsageError(f"--weight-rounding {weight_rounding}: choose from {', '.join(WEIGHT_ROUNDINGS)}")
+
+
 def check_export_destination(checkpoint: str | Path, destination: str | Path, export_format: str) -> None:
     """Refuse, before any work, a ``destination`` rpn could not read back or that is ``checkpoint``."""
     what = "a TorchScript export" if export_format == "torchscript" else f"an {export_format} export"
@@ -62,22 +74,35 @@ def check_export_destination(checkpoint: str | Path, destination: str | Path, ex
 def export_model(checkpoint: str | Path, destination: str | Path, export_format: str, *,
                  calibration: Sequence[Path] = (), calibration_count: int = 200,
                  calibration_method: str = "percentile", calibration_percentile: float = DEFAULT_PERCENTILE,
+                 weight_rounding: str = "gptq",
                  on_skipped: Callable[[Path, str], None] = lambda path, problem: None) -> int:
-    """Write the checkpoint's network to ONNX (dynamic batch and image size), int8 ONNX (calibrated on
-    up to ``calibration_count`` of the ``calibration`` photos by ``calibration_method``, see
-    :mod:`.quantize`) or TorchScript.
+    """Write the checkpoint's network to ONNX (dynamic batch and image size), int8 ONNX or TorchScript.
+    int8: calibrated on up to ``calibration_count`` readable ``calibration`` photos (the others are passed
+    to ``on_skipped``): activation ranges by ``calibration_method`` (see :mod:`.quantize`), and weights
+    rounded by ``weight_rounding``, ``gptq`` (for the convolutions' inputs on those photos, see
+    :mod:`.weight_rounding`) or ``nearest``.
     Returns the number of calibration photos used (0 for the float formats)."""
     check_export_destination(checkpoint, destination, export_format)
     if export_format == "onnx-int8":
         if not calibration:
             raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")
         check_calibration_method(calibration_method, calibration_percentile)
+        check_weight_rounding(weight_rounding)
+        photos = readable_photos(calibration, calibration_count, on_skipped)
+        if not photos:
+            raise UsageError("no readable calibration photos")
         with tempfile.TemporaryDirectory(prefix="rpn-export-") as work:
+            exported = Path(checkpoint)
+            if weight_rounding == "gptq":
+                model = load_checkpoint(checkpoint, "cpu").eval()
+                round_weights_gptq(model, (torch.from_numpy(model_input(path, model.spec)["images"])
+                                           for path in photos))
+                exported = Path(work) / "gptq.safetensors"
+                save_checkpoint(model, exported)
             fp32 = Path(work) / "fp32.onnx"
-            export_model(checkpoint, fp32, "onnx")
-            return quantize_onnx(fp32, destination, calibration, count=calibration_count,
-                                 method=calibration_method, percentile=calibration_percentile,
-                                 on_skipped=on_skipped,
+            export_model(exported, fp32, "onnx")
+            return quantize_onnx(fp32, destination, photos, count=len(photos), method=calibration_method,
+                                 percentile=calibration_percentile, weight_rounding=weight_rounding,
                                  source=Path(checkpoint))
     model = load_checkpoint(checkpoint, "cpu")
     wrapper = _RawOutputs(model).eval()

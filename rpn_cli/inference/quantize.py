@@ -3,7 +3,8 @@
 The recipe (measured on 146 validation photos against the float32 export, benchmarks/recall_by_precision.py):
 QDQ, int8 weights per channel with 7-bit range (``reduce_range``: CPUs without VNNI saturate 8-bit
 products in their int8 kernels), uint8 activations, and the head's two final 1x1 convolutions
-(objectness, box deltas) kept in float32. Activation ranges: by default each tensor's 99.99th percentile
+(objectness, box deltas) kept in float32. The export rounds the weights before (GPTQ,
+:mod:`.weight_rounding`) unless asked for ONNX Runtime's nearest rounding. Activation ranges: by default each tensor's 99.99th percentile
 of magnitude (ONNX Runtime's percentile calibrator), which lost 0.0001 / 0.0018 AR@100 / AR@300 against
 float32 on the sixth-stage checkpoint where whole min-max ranges lost 0.0034 / 0.0048; the best
 percentile moves with the weights (99.999 for the eighth stage: rpn_cli/weights/README.md). The network
@@ -27,12 +28,11 @@ from ..errors import ImageError, UsageError
 from ..io.checkpoint import METADATA_KEY
 from ..io.files import atomic_write_bytes, file_sha256
 from ..io.images import load_image
+from ..model.int8_grid import FLOAT_WEIGHTS
 from ..model.preprocess import pad_batch, prepare_image
 from ..model.spec import ModelSpec
 
 QUANTIZATION_KEY = "rpn_cli.quantization"
-# Quantized heads lose the most recall for the least time: these weights stay float32.
-FLOAT_WEIGHTS = ("head.score.weight", "head.loc.weight")
 # --calibration-method: ONNX Runtime's CalibrationMethod for each.
 CALIBRATION_METHODS = {"percentile": "Percentile", "minmax": "MinMax"}
 DEFAULT_PERCENTILE = 99.99
@@ -40,14 +40,17 @@ DEFAULT_PERCENTILE = 99.99
 
 def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: Iterable[Path], *,
                   count: int = 200, method: str = "percentile", percentile: float = DEFAULT_PERCENTILE,
-                  on_skipped=lambda path, problem: None, source: Path | None = None) -> int:
+                  on_skipped=lambda path, problem: None, source: Path | None = None,
+                  weight_rounding: str = "nearest") -> int:
     """Write an int8 version of the ONNX export ``fp32_onnx`` (one of ours: the model description in its
     metadata) to ``destination``, its activation ranges taken from up to ``count`` readable photos of
     ``calibration`` (prepared as ``rpn propose`` prepares them, one at a time at its own size) by
     ``method``: ``percentile`` (each tensor's ``percentile``-th percentile of magnitude) or ``minmax``.
     Unreadable photos are passed to ``on_skipped`` and left out. Returns how many photos calibrated it.
     Deterministic for the same photos in the same order. ``source``: the checkpoint exported, whose
-    content hash the file records (:func:`source_digest` reads it back)."""
+    content hash the file records (:func:`source_digest` reads it back). ``weight_rounding``: how the
+    export's weights were put on the int8 grid before (``gptq``) or ONNX Runtime's own (``nearest``), for
+    the record."""
     check_calibration_method(method, percentile)
     try:
         import onnx
@@ -65,7 +68,7 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
     if METADATA_KEY not in metadata:
         raise UsageError(f"{fp32_onnx}: not an rpn ONNX export (no model description)")
     spec = ModelSpec.from_dict(json.loads(metadata[METADATA_KEY]), str(fp32_onnx))
-    photos = _readable(calibration, count, on_skipped)
+    photos = readable_photos(calibration, count, on_skipped)
     if not photos:
         raise UsageError("no readable calibration photos")
 
@@ -83,7 +86,7 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
 
         def get_next(self):
             path = next(self.pending, None)
-            return None if path is None else _model_input(path, spec)
+            return None if path is None else model_input(path, spec)
 
     with tempfile.TemporaryDirectory(prefix="rpn-int8-") as work:
         prepared = Path(work) / "prepared.onnx"
@@ -104,7 +107,8 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
         model = onnx.load(str(quantized))
         del model.metadata_props[:]
         activations = f"uint8 percentile {percentile:g}" if method == "percentile" else "uint8 MinMax"
-        recipe = {"format": "QDQ", "weights": "int8 per channel, reduce_range", "activations": activations,
+        recipe = {"format": "QDQ", "weights": "int8 per channel, reduce_range", "weight_rounding": weight_rounding,
+                  "activations": activations,
                   "float_weights": list(FLOAT_WEIGHTS), "calibration_photos": len(photos),
                   "source_sha256": file_sha256(source) if source is not None else None}
         for key, value in ((METADATA_KEY, metadata[METADATA_KEY]), (QUANTIZATION_KEY, json.dumps(recipe))):
@@ -121,7 +125,7 @@ def check_calibration_method(method: str, percentile: float = DEFAULT_PERCENTILE
         raise UsageError(f"--calibration-percentile {percentile:g}: choose a value over 50 and at most 100")
 
 
-def _readable(photos: Iterable[Path], count: int, on_skipped) -> list[Path]:
+def readable_photos(photos: Iterable[Path], count: int, on_skipped) -> list[Path]:
     """The first ``count`` photos that decode; the others are passed to ``on_skipped``."""
     readable: list[Path] = []
     for path in photos:
@@ -136,7 +140,7 @@ def _readable(photos: Iterable[Path], count: int, on_skipped) -> list[Path]:
     return readable
 
 
-def _model_input(path: Path, spec: ModelSpec) -> dict:
+def model_input(path: Path, spec: ModelSpec) -> dict:
     """{"images": (1, 3, H, W) float32 array}: the photo as ``rpn propose`` feeds the network."""
     prepared = prepare_image(load_image(path), spec.preprocess)
     return {"images": pad_batch([prepared.tensor], spec.preprocess.size_divisible).numpy()}

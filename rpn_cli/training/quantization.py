@@ -1,8 +1,7 @@
 """Quantization-aware training of weights (``rpn train --quantization-aware``).
 
-The int8 model (:mod:`rpn_cli.inference.quantize`) rounds each convolution's weights, BatchNorm folded
-in, to integers per output channel: ``q = clamp(round(w / s), -64, 64)`` with ``s = max |w| / 64``
-(ONNX Runtime's symmetric int8 with ``reduce_range``, a 7-bit range). Trained as float32, the network
+The int8 model rounds each convolution's weights, BatchNorm folded in, to integers per output channel
+(:mod:`rpn_cli.model.int8_grid`). Trained as float32, the network
 never sees that rounding. Here each such convolution's forward pass uses its weights as the int8 model
 will round them, and the gradient goes through the rounding unchanged (a straight-through estimator),
 so the weights learn to work rounded. Activations stay float32: only the weights' rounding is learnt.
@@ -16,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..inference.quantize import FLOAT_WEIGHTS
-from ..model.folding import conv_batchnorm_pairs
-
-# The largest integer of the int8 model's weights: they run from -INT8_WEIGHT_MAX to INT8_WEIGHT_MAX.
-INT8_WEIGHT_MAX = 64
+from ..model.int8_grid import (
+    INT8_WEIGHT_MAX,
+    batchnorm_fold_factor,
+    channel_steps,
+    quantized_convolutions,
+)
 
 
 def int8_rounded(weight: torch.Tensor, fold: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,9 +33,7 @@ def int8_rounded(weight: torch.Tensor, fold: torch.Tensor | None = None) -> torc
     plain = weight.detach()
     factor = None if fold is None else fold.detach().reshape(-1, 1, 1, 1)
     folded = plain if factor is None else plain * factor
-    step = folded.abs().amax(dim=(1, 2, 3), keepdim=True) / INT8_WEIGHT_MAX
-    # An all-zero channel stays zero (a step of 1 rounds it to 0 without dividing by 0).
-    step = torch.where(step > 0, step, torch.ones_like(step))
+    step = channel_steps(folded)
     rounded = torch.clamp(torch.round(folded / step), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX) * step
     if factor is not None:
         # A channel that BatchNorm multiplies by 0 outputs a constant whatever its weights: keep them.
@@ -51,13 +49,7 @@ class Int8WeightConv2d(nn.Conv2d):
 
     def fold(self) -> torch.Tensor | None:
         """The BatchNorm folding factor (O,), from its running statistics and scale, or None."""
-        norm = self.norm
-        if norm is None:
-            return None
-        # As torch.nn.utils.fusion.fuse_conv_bn_weights computes it; the ONNX export's own folding can
-        # differ in the last place, which moves no weight to another integer.
-        factor = torch.rsqrt(norm.running_var + norm.eps)
-        return factor if norm.weight is None else norm.weight * factor
+        return batchnorm_fold_factor(self.norm)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(inputs, int8_rounded(self.weight, self.fold()), self.bias)
@@ -68,15 +60,12 @@ def make_quantization_aware(model: nn.Module) -> int:
     how many. The head's output convolutions stay float32 in the int8 model, so they stay as they are.
     For BatchNorm layers with fixed statistics (fine-tuning a trained trunk): a BatchNorm that learns
     its statistics would change the folding factor the int8 model sees."""
-    norms = {id(parent._modules[conv]): parent._modules[norm] for parent, conv, norm in conv_batchnorm_pairs(model)}
-    count = 0
-    for name, module in model.named_modules():
-        if type(module) is nn.Conv2d and not (name + ".weight").endswith(FLOAT_WEIGHTS):
-            module.__class__ = Int8WeightConv2d
-            # Not a child module: the BatchNorm is already its parent's, and stays out of the state_dict.
-            module.__dict__["norm"] = norms.get(id(module))
-            count += 1
-    return count
+    convolutions = quantized_convolutions(model)
+    for _, module, norm in convolutions:
+        module.__class__ = Int8WeightConv2d
+        # Not a child module: the BatchNorm is already its parent's, and stays out of the state_dict.
+        module.__dict__["norm"] = norm
+    return len(convolutions)
 
 
 def snap_to_int8_grid(model: nn.Module) -> int:

@@ -41,6 +41,9 @@ def test_the_shipped_int8_model_is_made_from_the_shipped_checkpoint():
     recipe = json.loads(metadata[QUANTIZATION_KEY])
     assert recipe["calibration_photos"] == int(documented.group(1))
     assert recipe["activations"] == f"uint8 percentile {documented.group(2)}"
+    command = readme[documented.start():readme.index("\n", documented.start())]
+    rounding = re.search(r"--weight-rounding (\S+)", command)
+    assert recipe["weight_rounding"] == (rounding.group(1) if rounding else "gptq")
     operators = {node.op_type for node in onnx.load(str(INT8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= operators
 
@@ -139,7 +142,7 @@ def test_minmax_calibration_photo_by_photo_equals_onnx_runtimes_own(small_checkp
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from rpn_cli.inference.quantize import FLOAT_WEIGHTS, _model_input, quantize_onnx
+    from rpn_cli.inference.quantize import FLOAT_WEIGHTS, model_input, quantize_onnx
     from rpn_cli.io.checkpoint import read_spec
 
     photos = sorted(SAMPLES.glob("*.jpg"))  # of three different sizes once resized
@@ -149,7 +152,7 @@ def test_minmax_calibration_photo_by_photo_equals_onnx_runtimes_own(small_checkp
     class Photos(CalibrationDataReader):
         def __init__(self):
             spec = read_spec(small_checkpoint)
-            self.inputs = (_model_input(path, spec) for path in photos)
+            self.inputs = (model_input(path, spec) for path in photos)
 
         def get_next(self):
             return next(self.inputs, None)

@@ -1,0 +1,122 @@
+"""GPTQ rounding of the int8 model's weights (``rpn export --format onnx-int8 --weight-rounding gptq``).
+
+Rounding each weight to its nearest step of the int8 grid (:mod:`rpn_cli.model.int8_grid`) is what
+ONNX Runtime does; it treats every weight alone. GPTQ (Frantar et al., 2022, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers", after Optimal Brain Quantization)
+rounds a convolution's weights one input column at a time and moves each rounding's error onto the
+columns not rounded yet, weighted by how the convolution's inputs on real photos correlate, so that
+its outputs on those photos change as little as they can. Here it picks integers on the very grid
+ONNX Runtime rounds to; the weights are then written back on that grid, so the int8 export stores
+exactly the integers chosen.
+
+Shapes: G groups of a convolution (1, or its channels for a depthwise one), R output channels a group,
+K = (input channels a group) x kH x kW inputs a position, L positions.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.int8_grid import (
+    INT8_WEIGHT_MAX,
+    batchnorm_fold_factor,
+    channel_steps,
+    quantized_convolutions,
+)
+
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
+# Added to the Hessian's diagonal, times its mean, for a stable inverse (GPTQ's default).
+DAMPING = 0.01
+
+
+def gptq_integers(weight: torch.Tensor, hessian: torch.Tensor, step: torch.Tensor, *,
+                  damping: float = DAMPING) -> torch.Tensor:
+    """GPTQ's integers for ``weight`` (G, R, K) on the grid ``step`` (G, R, 1), each from -INT8_WEIGHT_MAX
+    to INT8_WEIGHT_MAX, given ``hessian`` (G, K, K), the sum of x xᵀ over the inputs x (K,) each group
+    sees. Columns go in order of decreasing Hessian diagonal (GPTQ's "act order"); an input that is
+    always 0 has no say and its weights round to nearest. Returns (G, R, K) integers, float64."""
+    groups, rows, columns = weight.shape
+    weight, hessian, step = weight.double(), hessian.double().clone(), step.double()
+    diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
+    diagonal[diagonal == 0] = 1.0
+    order = torch.argsort(diagonal, dim=1, descending=True, stable=True)
+    weight = torch.gather(weight, 2, order[:, None, :].expand(groups, rows, columns))
+    hessian = torch.gather(hessian, 1, order[:, :, None].expand(groups, columns, columns))
+    hessian = torch.gather(hessian, 2, order[:, None, :].expand(groups, columns, columns))
+    diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
+    diagonal += damping * diagonal.mean(dim=1, keepdim=True)
+    # The upper Cholesky factor of the inverse Hessian holds, row by row, how the error of rounding one
+    # column spreads over the columns after it (GPTQ's equivalent of OBQ's inverse updates).
+    spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    integers = torch.empty_like(weight)
+    for column in range(columns):
+        value = weight[:, :, column]
+        chosen = torch.clamp(torch.round(value / step[:, :, 0]), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX)
+        integers[:, :, column] = chosen
+        error = (value - chosen * step[:, :, 0]) / spread[:, column, column][:, None]
+        weight[:, :, column:] -= error[:, :, None] * spread[:, None, column, column:]
+    return torch.empty_like(integers).scatter_(2, order[:, None, :].expand(groups, rows, columns), integers)
+
+
+def input_hessians(model: nn.Module, images: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: (G, K, K) float64} for each convolution the int8 model quantizes: the sum of x xᵀ over every
+    input patch x it sees while ``model.raw_outputs`` runs on each of ``images`` ((1, 3, H, W) each)."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, conv: nn.Conv2d):
+        def hook(module, inputs):
+            patches = F.unfold(inputs[0].float(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                               stride=conv.stride)
+            grouped = patches.reshape(conv.groups, -1, patches.shape[-1])
+            product = torch.bmm(grouped, grouped.transpose(1, 2)).double()
+            hessians[name] = hessians[name] + product if name in hessians else product
+
+        return hook
+
+    handles = [conv.register_forward_pre_hook(accumulate(name, conv))
+               for name, conv, _ in quantized_convolutions(model)]
+    try:
+        with torch.no_grad():
+            for image in images:
+                model.raw_outputs(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def round_weights_gptq(model: nn.Module, images: Iterable[torch.Tensor]) -> int:
+    """Put each convolution the int8 model quantizes on its int8 grid, in place, with GPTQ's integers
+    for the inputs it sees on ``images`` (see :func:`input_hessians`). ``model`` in eval mode. Each
+    channel keeps an integer at ±INT8_WEIGHT_MAX (its largest weight's, where GPTQ moved every one
+    inward), so the export derives the same step from the new weights; a channel its BatchNorm multiplies by 0 keeps its weights. Returns how many
+    convolutions."""
+    if model.training:
+        raise ValueError("round_weights_gptq is for inference: put the model in eval mode first")
+    hessians = input_hessians(model, images)
+    convolutions = quantized_convolutions(model)
+    with torch.no_grad():
+        for name, conv, norm in convolutions:
+            plain = conv.weight.double()
+            fold = batchnorm_fold_factor(norm)
+            factor = None if fold is None else fold.double().reshape(-1, 1, 1, 1)
+            folded = plain if factor is None else plain * factor
+            step = channel_steps(folded)
+            groups = conv.groups
+            flat = folded.reshape(groups, conv.out_channels // groups, -1)
+            integers = gptq_integers(flat, hessians[name], step.reshape(groups, -1, 1)).reshape(conv.out_channels, -1)
+            # A channel whose integers all fell short of the edge would get a smaller step from the export.
+            flat = folded.reshape(conv.out_channels, -1)
+            short = integers.abs().amax(dim=1) < INT8_WEIGHT_MAX
+            largest = flat.abs().argmax(dim=1, keepdim=True)
+            edge = torch.round(flat.gather(1, largest) / step.reshape(-1, 1))
+            integers.scatter_(1, largest, torch.where(short[:, None], edge, integers.gather(1, largest)))
+            rounded = integers.reshape(folded.shape) * step
+            if factor is not None:
+                rounded = torch.where(factor != 0, rounded / torch.where(factor != 0, factor, 1.0), plain)
+            conv.weight.copy_(rounded.to(conv.weight.dtype))
+    return len(convolutions)
