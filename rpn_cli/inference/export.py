@@ -88,6 +88,7 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
             raise UsageError("--format onnx-int8 needs --calibration: a few hundred photos like those it will see")
         check_calibration_method(calibration_method, calibration_percentile)
         check_weight_rounding(weight_rounding)
+        _require_onnx_extra()
         photos = readable_photos(calibration, calibration_count, on_skipped)
         if not photos:
             raise UsageError("no readable calibration photos")
@@ -99,6 +100,7 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
                                            for path in photos))
                 exported = Path(work) / "gptq.safetensors"
                 save_checkpoint(model, exported)
+                del model
             fp32 = Path(work) / "fp32.onnx"
             export_model(exported, fp32, "onnx")
             return quantize_onnx(fp32, destination, photos, count=len(photos), method=calibration_method,
@@ -118,6 +120,16 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
             atomic_write_bytes(destination,
                                lambda tmp: torch.jit.save(traced, tmp, _extra_files={METADATA_KEY: description}))
     return 0
+
+
+def _require_onnx_extra() -> None:
+    """Refuse an int8 export before its minutes of calibration where the onnx extra is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise UsageError('int8 export needs the onnx extra: pip install "rpn-cli[onnx]"') from error
 
 
 def _export_onnx(wrapper, spec: ModelSpec, example, description: str, destination: Path) -> None:
