@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEFAULT_CHECKPOINT, SAMPLES, run_rpn
+from int8_weights import int8_weight_distances
 
 from rpn_cli.inference.quantize import model_input
 from rpn_cli.inference.weight_rounding import (
@@ -185,26 +186,6 @@ def test_a_convolution_gptq_cannot_see_keeps_its_weights():
     torch.testing.assert_close(first.weight, before, rtol=0, atol=0)
 
 
-def _int8_distances(fp32, int8) -> list[float]:
-    """Each quantized convolution's largest |int8 weight - float32 weight|, in steps of its channel."""
-    import onnx
-    from onnx import numpy_helper
-
-    floats = {tensor.name: numpy_helper.to_array(tensor) for tensor in onnx.load(str(fp32)).graph.initializer}
-    quantized = {tensor.name: numpy_helper.to_array(tensor) for tensor in onnx.load(str(int8)).graph.initializer}
-    distances = []
-    for node in onnx.load(str(int8)).graph.node:
-        source = node.input[0]
-        if node.op_type != "DequantizeLinear" or quantized.get(source) is None or quantized[source].dtype != np.int8:
-            continue
-        name = source.removesuffix("_quantized")
-        if floats.get(name) is None or floats[name].ndim != 4:
-            continue  # a bias
-        scale = quantized[node.input[1]].reshape(-1, 1, 1, 1)
-        distances.append(float((np.abs(quantized[source].astype(np.float32) * scale - floats[name]) / scale).max()))
-    return distances
-
-
 @pytest.mark.heavy
 def test_the_int8_export_stores_the_integers_gptq_chose(small_checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
@@ -230,7 +211,7 @@ def test_the_int8_export_stores_the_integers_gptq_chose(small_checkpoint, tmp_pa
     save_checkpoint(model, tmp_path / "rounded.safetensors")
     for checkpoint, name in ((tmp_path / "rounded.safetensors", "rounded.onnx"), (small_checkpoint, "plain.onnx")):
         assert run_rpn("export", checkpoint, tmp_path / name).returncode == 0
-    rounded, plain = _int8_distances(tmp_path / "rounded.onnx", int8), _int8_distances(tmp_path / "plain.onnx", int8)
+    rounded, plain = int8_weight_distances(tmp_path / "rounded.onnx", int8), int8_weight_distances(tmp_path / "plain.onnx", int8)
     assert len(rounded) == len(plain) > 40
     assert max(rounded) < 1e-3
     assert max(plain) > 0.5 + 1e-3  # not what nearest rounding of the checkpoint would store
@@ -239,7 +220,7 @@ def test_the_int8_export_stores_the_integers_gptq_chose(small_checkpoint, tmp_pa
     result = run_rpn("export", small_checkpoint, nearest, "--format", "onnx-int8", "--calibration", SAMPLES,
                      "--calibration-method", "minmax", "--weight-rounding", "nearest")
     assert result.returncode == 0, result.stderr
-    assert max(_int8_distances(tmp_path / "plain.onnx", nearest)) <= 0.5 + 1e-3
+    assert max(int8_weight_distances(tmp_path / "plain.onnx", nearest)) <= 0.5 + 1e-3
     recipe = {entry.key: entry.value for entry in onnx.load(str(nearest)).metadata_props}[QUANTIZATION_KEY]
     assert json.loads(recipe)["weight_rounding"] == "nearest"
 

@@ -1,9 +1,9 @@
 """rpn train --quantization-aware: weights trained as the int8 model rounds them, and written rounded."""
 
-import numpy as np
 import pytest
 import torch
 from conftest import SAMPLES, run_rpn
+from int8_weights import int8_weight_distances
 from test_train import _small_spec, _synthetic_dataset
 
 from rpn_cli.training.loop import TrainConfig, train
@@ -89,28 +89,12 @@ def _trained(tmp_path, quantization_aware: bool):
 def _int8_weights_against_float(checkpoint, tmp_path) -> list[float]:
     """Each quantized convolution's largest |int8 weight - float32 weight|, in steps of its channel, as
     ONNX Runtime quantizes the file's export (the oracle: its own rounding, BatchNorm folded by the export)."""
-    import onnx
-    from onnx import numpy_helper
-
     from rpn_cli.inference.quantize import quantize_onnx
 
     fp32, int8 = tmp_path / f"{checkpoint.parent.name}.onnx", tmp_path / f"{checkpoint.parent.name}.int8.onnx"
     assert run_rpn("export", checkpoint, fp32).returncode == 0
     quantize_onnx(fp32, int8, sorted(SAMPLES.glob("*.jpg")), method="minmax")
-    floats = {tensor.name: numpy_helper.to_array(tensor) for tensor in onnx.load(str(fp32)).graph.initializer}
-    quantized = {tensor.name: numpy_helper.to_array(tensor) for tensor in onnx.load(str(int8)).graph.initializer}
-    distances = []
-    for node in onnx.load(str(int8)).graph.node:
-        source = node.input[0]
-        if node.op_type != "DequantizeLinear" or quantized.get(source) is None or quantized[source].dtype != np.int8:
-            continue
-        name = source.removesuffix("_quantized")
-        if floats.get(name) is None or floats[name].ndim != 4:
-            continue  # a bias
-        scale = quantized[node.input[1]].reshape(-1, 1, 1, 1)
-        dequantized = quantized[source].astype(np.float32) * scale
-        distances.append(float((np.abs(dequantized - floats[name]) / scale).max()))
-    return distances
+    return int8_weight_distances(fp32, int8)
 
 
 def test_the_file_holds_the_averaged_weights_rounded_and_a_plain_run_does_not(tmp_path):
