@@ -103,7 +103,7 @@ def export_model(checkpoint: str | Path, destination: str | Path, export_format:
                 del model
             fp32 = Path(work) / "fp32.onnx"
             export_model(exported, fp32, "onnx")
-            return quantize_onnx(fp32, destination, photos, count=len(photos), method=calibration_method,
+            return quantize_onnx(fp32, destination, photos, method=calibration_method,
                                  percentile=calibration_percentile, weight_rounding=weight_rounding,
                                  source=Path(checkpoint))
     model = load_checkpoint(checkpoint, "cpu")

@@ -22,7 +22,7 @@ import io
 import json
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ..errors import ImageError, UsageError
 from ..io.checkpoint import METADATA_KEY
@@ -38,15 +38,14 @@ CALIBRATION_METHODS = {"percentile": "Percentile", "minmax": "MinMax"}
 DEFAULT_PERCENTILE = 99.99
 
 
-def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: Iterable[Path], *,
-                  count: int = 200, method: str = "percentile", percentile: float = DEFAULT_PERCENTILE,
-                  on_skipped=lambda path, problem: None, source: Path | None = None,
+def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, photos: Sequence[Path], *,
+                  method: str = "percentile", percentile: float = DEFAULT_PERCENTILE, source: Path | None = None,
                   weight_rounding: str = "nearest") -> int:
     """Write an int8 version of the ONNX export ``fp32_onnx`` (one of ours: the model description in its
-    metadata) to ``destination``, its activation ranges taken from up to ``count`` readable photos of
-    ``calibration`` (prepared as ``rpn propose`` prepares them, one at a time at its own size) by
-    ``method``: ``percentile`` (each tensor's ``percentile``-th percentile of magnitude) or ``minmax``.
-    Unreadable photos are passed to ``on_skipped`` and left out. Returns how many photos calibrated it.
+    metadata) to ``destination``, its activation ranges taken from ``photos`` (readable ones, as
+    :func:`readable_photos` picks them; prepared as ``rpn propose`` prepares them, one at a time at its own
+    size) by ``method``: ``percentile`` (each tensor's ``percentile``-th percentile of magnitude) or
+    ``minmax``. Returns how many photos calibrated it.
     Deterministic for the same photos in the same order. ``source``: the checkpoint exported, whose
     content hash the file records (:func:`source_digest` reads it back). ``weight_rounding``: how the
     export's weights were put on the int8 grid before (``gptq``) or ONNX Runtime's own (``nearest``), for
@@ -68,7 +67,6 @@ def quantize_onnx(fp32_onnx: str | Path, destination: str | Path, calibration: I
     if METADATA_KEY not in metadata:
         raise UsageError(f"{fp32_onnx}: not an rpn ONNX export (no model description)")
     spec = ModelSpec.from_dict(json.loads(metadata[METADATA_KEY]), str(fp32_onnx))
-    photos = readable_photos(calibration, count, on_skipped)
     if not photos:
         raise UsageError("no readable calibration photos")
 

@@ -25,7 +25,10 @@ from ..model.int8_grid import (
     INT8_WEIGHT_MAX,
     batchnorm_fold_factor,
     channel_steps,
+    folded_weights,
+    nearest_integers,
     quantized_convolutions,
+    unfolded_weights,
 )
 
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
@@ -59,7 +62,7 @@ def gptq_integers(weight: torch.Tensor, hessian: torch.Tensor, step: torch.Tenso
         errors = torch.empty_like(block)
         for offset, column in enumerate(range(start, end)):
             value = block[:, :, offset]
-            chosen = torch.clamp(torch.round(value / step[:, :, 0]), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX)
+            chosen = nearest_integers(value, step[:, :, 0])
             integers[:, :, column] = chosen
             errors[:, :, offset] = (value - chosen * step[:, :, 0]) / spread[:, column, column][:, None]
             block[:, :, offset:] -= errors[:, :, offset, None] * spread[:, None, column, column:end]
@@ -132,22 +135,19 @@ def round_weights_gptq(model: nn.Module, images: Iterable[torch.Tensor]) -> int:
                 continue
             plain = conv.weight.double()
             fold = batchnorm_fold_factor(norm)
-            factor = None if fold is None else fold.double().reshape(-1, 1, 1, 1)
-            folded = plain if factor is None else plain * factor
+            fold = None if fold is None else fold.double()
+            folded = folded_weights(plain, fold)
             step = channel_steps(folded)
             groups = conv.groups
-            flat = folded.reshape(groups, conv.out_channels // groups, -1)
-            integers = gptq_integers(flat, hessians.pop(name), step.reshape(groups, -1, 1))
-            integers = integers.reshape(conv.out_channels, -1)
-            # A channel whose integers all fell short of the edge would get a smaller step from the export.
-            flat = folded.reshape(conv.out_channels, -1)
-            short = integers.abs().amax(dim=1) < INT8_WEIGHT_MAX
-            largest = flat.abs().argmax(dim=1, keepdim=True)
-            edge = torch.round(flat.gather(1, largest) / step.reshape(-1, 1))
-            integers.scatter_(1, largest, torch.where(short[:, None], edge, integers.gather(1, largest)))
-            rounded = integers.reshape(folded.shape) * step
-            if factor is not None:
-                rounded = torch.where(factor != 0, rounded / torch.where(factor != 0, factor, 1.0), plain)
+            integers = gptq_integers(folded.reshape(groups, conv.out_channels // groups, -1), hessians.pop(name),
+                                     step.reshape(groups, -1, 1)).reshape(conv.out_channels, -1)
+            # A channel whose integers all fell short of the edge would get a smaller step from the export:
+            # its largest weight goes back to its own integer, ±INT8_WEIGHT_MAX.
+            channels = folded.reshape(conv.out_channels, -1)
+            short = torch.nonzero(integers.abs().amax(dim=1) < INT8_WEIGHT_MAX).flatten()
+            largest = channels[short].abs().argmax(dim=1)
+            integers[short, largest] = nearest_integers(channels[short, largest], step.flatten()[short])
+            rounded = unfolded_weights(integers.reshape(folded.shape) * step, fold, plain)
             conv.weight.copy_(rounded.to(conv.weight.dtype))
             rounded_count += 1
     return rounded_count

@@ -45,3 +45,23 @@ def channel_steps(folded: torch.Tensor) -> torch.Tensor:
     weights (O, ...). An all-zero channel gets a step of 1, which rounds it to 0 without dividing by 0."""
     step = folded.abs().amax(dim=tuple(range(1, folded.dim())), keepdim=True) / INT8_WEIGHT_MAX
     return torch.where(step > 0, step, torch.ones_like(step))
+
+
+def nearest_integers(values: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``values`` rounded to their nearest multiple of ``step`` (half to even, as numpy in ONNX Runtime's
+    quantizer), as integers from -INT8_WEIGHT_MAX to INT8_WEIGHT_MAX in the values' dtype."""
+    return torch.clamp(torch.round(values / step), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX)
+
+
+def folded_weights(weight: torch.Tensor, fold: torch.Tensor | None) -> torch.Tensor:
+    """``weight`` (O, ...) with each output channel multiplied by ``fold`` (O,), or as it is for None."""
+    return weight if fold is None else weight * fold.reshape(-1, *[1] * (weight.dim() - 1))
+
+
+def unfolded_weights(folded: torch.Tensor, fold: torch.Tensor | None, original: torch.Tensor) -> torch.Tensor:
+    """``folded`` (O, ...) divided by ``fold`` (O,) again. A channel that BatchNorm multiplies by 0 outputs
+    a constant whatever its weights: it keeps ``original``'s."""
+    if fold is None:
+        return folded
+    factor = fold.reshape(-1, *[1] * (folded.dim() - 1))
+    return torch.where(factor != 0, folded / torch.where(factor != 0, factor, 1.0), original)

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from ..model.int8_grid import (
-    INT8_WEIGHT_MAX,
     batchnorm_fold_factor,
     channel_steps,
+    folded_weights,
+    nearest_integers,
     quantized_convolutions,
+    unfolded_weights,
 )
 
 
@@ -31,13 +33,10 @@ def int8_rounded(weight: torch.Tensor, fold: torch.Tensor | None = None) -> torc
     Gradients pass through the rounding as if it were the identity."""
     # The gradient reaches the weights only through the last line: the rounding is computed detached.
     plain = weight.detach()
-    factor = None if fold is None else fold.detach().reshape(-1, 1, 1, 1)
-    folded = plain if factor is None else plain * factor
+    fold = None if fold is None else fold.detach()
+    folded = folded_weights(plain, fold)
     step = channel_steps(folded)
-    rounded = torch.clamp(torch.round(folded / step), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX) * step
-    if factor is not None:
-        # A channel that BatchNorm multiplies by 0 outputs a constant whatever its weights: keep them.
-        rounded = torch.where(factor != 0, rounded / torch.where(factor != 0, factor, 1.0), plain)
+    rounded = unfolded_weights(nearest_integers(folded, step) * step, fold, plain)
     return weight + (rounded - plain)
 
 

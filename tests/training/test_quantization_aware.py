@@ -6,12 +6,9 @@ from conftest import SAMPLES, run_rpn
 from int8_weights import int8_weight_distances
 from test_train import _small_spec, _synthetic_dataset
 
+from rpn_cli.model.int8_grid import INT8_WEIGHT_MAX
 from rpn_cli.training.loop import TrainConfig, train
-from rpn_cli.training.quantization import (
-    INT8_WEIGHT_MAX,
-    int8_rounded,
-    make_quantization_aware,
-)
+from rpn_cli.training.quantization import int8_rounded, make_quantization_aware
 
 
 def test_int8_rounding_is_per_channel_symmetric_in_7_bits_and_passes_gradients_through():
